@@ -1,0 +1,153 @@
+"""Backend dispatch: capability-declared backends, first one with no reasons wins.
+
+Backends: ``cuda`` (compiled CUDA kernels), ``triton``, ``cpu`` (compiled C++ kernels), ``torch`` (the
+reference). ``auto`` picks per op and per call; naming one (``MASKDM_BACKEND=triton`` or
+``with maskdm_kernels.backend("triton"):``) raises with every reason it cannot serve the call instead of
+falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable
+
+import torch
+
+from . import _cpp_lib
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# op -> backend -> (impl, extra_reasons(**caps) -> list[str])
+_REGISTRY: dict[str, dict[str, tuple[Callable, Callable[..., list[str]] | None]]] = {}
+
+# On CUDA tensors `auto` tries these in order. An op's compiled CUDA kernel moves ahead of Triton only once it
+# has been verified on a GPU and a committed benchmark in benchmarks/results/ shows it faster (none yet).
+GPU_ORDER: dict[str, tuple[str, ...]] = {}
+_DEFAULT_GPU_ORDER = ("triton", "cuda", "torch")
+_CPU_ORDER = ("cpu", "torch")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("maskdm_backend", default=None)
+
+
+def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = None):
+    """Decorator: ``fn`` implements ``op`` on ``backend``; ``reasons(**caps)`` lists op-specific limits."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = (fn, reasons)
+        return fn
+
+    return deco
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Use backend ``name`` (``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch``) for every op in the block."""
+    _check_name(name, "backend")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current_backend() -> str:
+    """The requested backend: the innermost ``backend(...)`` block, else ``MASKDM_BACKEND``, else ``auto``."""
+    name = _forced.get()
+    if name is None:
+        name = os.environ.get("MASKDM_BACKEND", "auto").strip().lower() or "auto"
+        _check_name(name, "MASKDM_BACKEND")
+    return name
+
+
+def _check_name(name, what: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{what}={name!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def not_supported_reasons(op: str, name: str, device: torch.device, dtype: torch.dtype, **caps) -> list[str]:
+    """Why backend ``name`` cannot run ``op`` on tensors of ``device`` / ``dtype`` (empty: it can)."""
+    impls = _REGISTRY.get(op, {})
+    if name not in impls:
+        return [f"{op} has no {name} implementation"]
+    device = torch.device(device)
+    reasons: list[str] = []
+    if name == "cuda":
+        if not _cpp_lib.loaded():
+            reasons.append(_cpp_lib.unavailable_reason())
+        elif not _cpp_lib.has_cuda_kernels():
+            why = _cpp_lib.build_info().get("cuda_skip_reason") or "unknown reason"
+            reasons.append(f"the extension was built without CUDA kernels ({why})")
+        if device.type != "cuda":
+            reasons.append(f"the cuda backend needs CUDA tensors, got {device.type} tensors")
+    elif name == "cpu":
+        if not _cpp_lib.loaded():
+            reasons.append(_cpp_lib.unavailable_reason())
+        if device.type != "cpu":
+            reasons.append(f"the cpu backend needs CPU tensors, got {device.type} tensors")
+    elif name == "triton":
+        err = _triton_error()
+        if err:
+            reasons.append(err)
+        if device.type == "cpu":
+            if not triton_interpret():
+                reasons.append("triton needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+            elif dtype == torch.bfloat16:
+                reasons.append("the Triton interpreter computes bfloat16 wrongly; bf16 runs on a GPU only")
+        elif device.type != "cuda":
+            reasons.append(f"triton needs CUDA tensors, got {device.type} tensors")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        reasons.append(f"dtype {dtype} is not supported (float32, float16 or bfloat16)")
+    elif dtype == torch.float64 and name != "torch":
+        reasons.append("float64 runs on the torch reference backend only")
+    extra = impls[name][1]
+    if extra is not None:
+        reasons += extra(device=device, dtype=dtype, **caps)
+    return reasons
+
+
+def candidates(op: str, device: torch.device) -> tuple[str, ...]:
+    if torch.device(device).type == "cuda":
+        return GPU_ORDER.get(op, _DEFAULT_GPU_ORDER)
+    return _CPU_ORDER
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, **caps) -> tuple[str, Callable]:
+    """The backend name and implementation for this call, honouring a forced backend."""
+    name = current_backend()
+    if name != "auto":
+        reasons = not_supported_reasons(op, name, device, dtype, **caps)
+        if reasons:
+            raise RuntimeError(f"maskdm_kernels: backend {name!r} cannot run {op} here: " + "; ".join(reasons))
+        return name, _REGISTRY[op][name][0]
+    tried = []
+    for cand in candidates(op, device):
+        reasons = not_supported_reasons(op, cand, device, dtype, **caps)
+        if not reasons:
+            return cand, _REGISTRY[op][cand][0]
+        tried.append(f"{cand}: " + "; ".join(reasons))
+    raise RuntimeError(f"maskdm_kernels: no backend can run {op} on {device} {dtype}: " + " | ".join(tried))
+
+
+def explain(op: str, device, dtype: torch.dtype, **caps) -> dict[str, list[str]]:
+    """For ``info``: every backend's reasons for (op, device, dtype)."""
+    return {b: not_supported_reasons(op, b, device, dtype, **caps) for b in BACKENDS[1:]}
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)

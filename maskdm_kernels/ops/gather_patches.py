@@ -1,0 +1,99 @@
+"""gather_patches: the visible patches of (optionally noised) images, as packed tokens, in one pass."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..dispatch import register, select
+from ..layout import Visible
+from ._common import check_float, check_num_patches, check_patch_size, check_per_sample, check_visible, fail
+from ._common import register_compiled
+
+OP = "gather_patches"
+
+
+@torch.library.custom_op("maskdm::gather_patches", mutates_args=())
+def _gather_patches(images: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int, noise: Tensor | None,
+                    signal_scale: Tensor | None, noise_scale: Tensor | None) -> Tensor:
+    _, fn = select(OP, images.device, images.dtype)
+    return fn(images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale)
+
+
+@_gather_patches.register_fake
+def _(images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale):
+    C = images.shape[1]
+    return images.new_empty((ids.shape[0], patch_size * patch_size * C))
+
+
+def _setup_context(ctx, inputs, output):
+    images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale = inputs
+    ctx.patch_size = patch_size
+    ctx.image_size = tuple(images.shape)
+    ctx.dtypes = (images.dtype, noise.dtype if noise is not None else None)
+    ctx.save_for_backward(ids, cu_seqlens, signal_scale, noise_scale)
+
+
+def _backward(ctx, grad):
+    # d out / d images = scatter(grad) * signal_scale[b]; the same for noise with noise_scale. Scales get none.
+    ids, cu_seqlens, signal_scale, noise_scale = ctx.saved_tensors
+    B, C, H, W = ctx.image_size
+    need_x, need_n = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    base = None
+    if need_x or need_n:
+        base = torch.ops.maskdm.scatter_patches(grad.contiguous(), ids, cu_seqlens, ctx.patch_size, B, C, H, W, 0.0)
+    gx = gn = None
+    if need_x:
+        gx = base if signal_scale is None else base * signal_scale.to(base.dtype).view(B, 1, 1, 1)
+        gx = gx.to(ctx.dtypes[0])
+    if need_n:
+        gn = base if noise_scale is None else base * noise_scale.to(base.dtype).view(B, 1, 1, 1)
+        gn = gn.to(ctx.dtypes[1])
+    return gx, None, None, None, gn, None, None
+
+
+_gather_patches.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gather_patches(images: Tensor, vis: Visible, patch_size: int, noise: Tensor | None = None,
+                   signal_scale: Tensor | None = None, noise_scale: Tensor | None = None) -> Tensor:
+    """Visible patches of ``signal_scale[b] * images + noise_scale[b] * noise`` as packed tokens.
+
+    Args:
+        images: ``(B, C, H, W)`` float32 / float16 / bfloat16, any strides (channels_last and slices read in place).
+        vis: the kept patches (``Visible`` over the ``(H // p) * (W // p)`` grid).
+        patch_size: p, must divide H and W.
+        noise: optional ``(B, C, H, W)``, same device; read only at the visible patches.
+        signal_scale, noise_scale: optional ``(B,)`` per-sample scales (e.g. sqrt(abar_t), sqrt(1 - abar_t)).
+    Returns:
+        ``(T, p*p*C)`` in ``images.dtype``, pixel order ``(p1 p2 c)``; fp32 math. The full noisy image is never
+        materialised. Differentiable in ``images`` and ``noise`` (not in the scales).
+    """
+    check_float(OP, "images", images, 4)
+    B, C, H, W = images.shape
+    check_patch_size(OP, patch_size, H, W)
+    check_visible(OP, vis, images.device, B)
+    check_num_patches(OP, vis, patch_size, H, W)
+    if noise is not None:
+        check_float(OP, "noise", noise, 4)
+        if noise.shape != images.shape:
+            fail(OP, "noise", f"must have the images' shape {tuple(images.shape)}, got {tuple(noise.shape)}")
+        if noise.device != images.device:
+            fail(OP, "noise", f"is on {noise.device} but images is on {images.device}")
+    elif noise_scale is not None:
+        fail(OP, "noise_scale", "was given without noise")
+    check_per_sample(OP, "signal_scale", signal_scale, B, images.device)
+    check_per_sample(OP, "noise_scale", noise_scale, B, images.device)
+    return _gather_patches(images, vis.ids, vis.cu_seqlens, patch_size, noise, signal_scale, noise_scale)
+
+
+register(OP, "torch")(reference.gather_patches_ref)
+register_compiled(OP, "gather_patches_kernel")
+
+
+@register(OP, "triton")
+def _gather_patches_triton(*args):
+    from . import patches_triton
+
+    return patches_triton.gather_patches(*args)

@@ -1,0 +1,111 @@
+"""masked_noise_loss: the epsilon-prediction L2 loss over the visible patches, reduced in one pass.
+
+NOTE: the gradient w.r.t. ``pred`` is recomputed in the backward from (pred, noise) rather than written by
+the forward as Liger-Kernel's fused losses do. Both move the same bytes over forward + backward (5 * T * P:
+read pred + noise, write grad; then read + write it again to apply grad_output, which cannot be skipped
+without a host sync on grad_output == 1), but recomputing keeps no (T, P) buffer alive between the passes
+and makes a forward alone (evaluation) cost 2 * T * P instead of 3 * T * P. Measured on the C++ kernels
+(benchmarks/test_bench_masked_noise_loss.py, `write_grad` vs `recompute` providers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..dispatch import register, select
+from ..layout import Visible
+from ._common import check_float, check_num_patches, check_patch_size, check_per_sample, check_visible, fail
+from ._common import register_compiled
+
+OP = "masked_noise_loss"
+OP_BWD = "masked_noise_loss_backward"
+
+
+@torch.library.custom_op("maskdm::masked_noise_loss", mutates_args=())
+def _masked_noise_loss(pred: Tensor, noise: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int,
+                       weight: Tensor | None) -> Tensor:
+    _, fn = select(OP, pred.device, pred.dtype)
+    return fn(pred, noise, ids, cu_seqlens, patch_size, weight)
+
+
+@_masked_noise_loss.register_fake
+def _(pred, noise, ids, cu_seqlens, patch_size, weight):
+    return pred.new_empty((), dtype=torch.float64 if pred.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op("maskdm::masked_noise_loss_backward", mutates_args=())
+def _masked_noise_loss_backward(grad: Tensor, pred: Tensor, noise: Tensor, ids: Tensor, cu_seqlens: Tensor,
+                                patch_size: int, weight: Tensor | None) -> Tensor:
+    _, fn = select(OP_BWD, pred.device, pred.dtype)
+    return fn(grad, pred, noise, ids, cu_seqlens, patch_size, weight)
+
+
+@_masked_noise_loss_backward.register_fake
+def _(grad, pred, noise, ids, cu_seqlens, patch_size, weight):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, noise, ids, cu_seqlens, patch_size, weight = inputs
+    ctx.patch_size = patch_size
+    ctx.save_for_backward(pred, noise, ids, cu_seqlens, weight)
+
+
+def _backward(ctx, grad):
+    pred, noise, ids, cu_seqlens, weight = ctx.saved_tensors
+    gp = None
+    if ctx.needs_input_grad[0]:
+        gp = _masked_noise_loss_backward(grad, pred, noise, ids, cu_seqlens, ctx.patch_size, weight)
+    return gp, None, None, None, None, None
+
+
+_masked_noise_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int, weight: Tensor | None = None) -> Tensor:
+    """Mean over samples of ``weight[b] *`` mean over b's visible elements of ``(pred - target)^2``.
+
+    Args:
+        pred: ``(T, p*p*C)`` predicted noise of the visible tokens (any float dtype, any strides).
+        noise: ``(B, C, H, W)`` the noise that was added; the target is read from it at the visible patches
+            and never gathered into a tensor.
+        vis: the kept patches.
+        weight: optional ``(B,)`` per-sample loss weights (e.g. min-SNR); not differentiated.
+    Returns:
+        0-dim float32 loss, differentiable in ``pred``. A sample with no visible token contributes 0.
+    """
+    check_float(OP, "pred", pred, 2)
+    check_float(OP, "noise", noise, 4)
+    B, C, H, W = noise.shape
+    check_patch_size(OP, patch_size, H, W)
+    check_visible(OP, vis, noise.device, B)
+    check_num_patches(OP, vis, patch_size, H, W)
+    if pred.device != noise.device:
+        fail(OP, "pred", f"is on {pred.device} but noise is on {noise.device}")
+    if pred.shape != (vis.total, patch_size * patch_size * C):
+        fail(OP, "pred", f"must have shape (T, p*p*C) = ({vis.total}, {patch_size * patch_size * C}), "
+             f"got {tuple(pred.shape)}")
+    check_per_sample(OP, "weight", weight, B, noise.device)
+    return _masked_noise_loss(pred, noise, vis.ids, vis.cu_seqlens, patch_size, weight)
+
+
+register(OP, "torch")(reference.masked_noise_loss_ref)
+register(OP_BWD, "torch")(reference.masked_noise_loss_grad_ref)
+register_compiled(OP, "masked_noise_loss_kernel")
+register_compiled(OP_BWD, "masked_noise_loss_backward_kernel")
+
+
+@register(OP, "triton")
+def _loss_triton(*args):
+    from . import patches_triton
+
+    return patches_triton.masked_noise_loss(*args)
+
+
+@register(OP_BWD, "triton")
+def _loss_backward_triton(*args):
+    from . import patches_triton
+
+    return patches_triton.masked_noise_loss_backward(*args)

@@ -1,0 +1,80 @@
+"""scatter_patches: packed tokens back to images, masked patches filled with a constant."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..dispatch import register, select
+from ..layout import Visible
+from ._common import check_float, check_num_patches, check_patch_size, check_visible, fail, register_compiled
+
+OP = "scatter_patches"
+
+
+@torch.library.custom_op("maskdm::scatter_patches", mutates_args=())
+def _scatter_patches(tokens: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int, batch: int, channels: int,
+                     height: int, width: int, fill: float) -> Tensor:
+    _, fn = select(OP, tokens.device, tokens.dtype)
+    return fn(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill)
+
+
+@_scatter_patches.register_fake
+def _(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill):
+    return tokens.new_empty((batch, channels, height, width))
+
+
+def _setup_context(ctx, inputs, output):
+    tokens, ids, cu_seqlens, patch_size = inputs[:4]
+    ctx.patch_size = patch_size
+    ctx.save_for_backward(ids, cu_seqlens)
+
+
+def _backward(ctx, grad):
+    ids, cu_seqlens = ctx.saved_tensors
+    g = torch.ops.maskdm.gather_patches(grad, ids, cu_seqlens, ctx.patch_size, None, None, None)
+    return g, None, None, None, None, None, None, None, None
+
+
+_scatter_patches.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scatter_patches(tokens: Tensor, vis: Visible, patch_size: int, image_size, fill: float = 0.0) -> Tensor:
+    """Inverse of ``gather_patches``: tokens ``(T, p*p*C)`` to images ``(B, C, H, W)``.
+
+    ``image_size`` is ``H`` (square) or ``(H, W)``; C is ``p*p*C // p**2``; masked patches hold ``fill``.
+    Returns a contiguous tensor in ``tokens.dtype``; differentiable in ``tokens`` (the gradient is a gather).
+    """
+    check_float(OP, "tokens", tokens, 2)
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in image_size)):
+        fail(OP, "image_size", f"must be an int or an (H, W) pair of positive ints, got {image_size!r}", TypeError)
+    H, W = image_size
+    check_patch_size(OP, patch_size, H, W)
+    check_visible(OP, vis, tokens.device)
+    check_num_patches(OP, vis, patch_size, H, W)
+    P = tokens.shape[1]
+    if P % (patch_size * patch_size):
+        fail(OP, "tokens", f"last dim {P} is not a multiple of patch_size**2={patch_size ** 2}")
+    if tokens.shape[0] != vis.total:
+        fail(OP, "tokens", f"has {tokens.shape[0]} rows but vis keeps {vis.total} tokens")
+    return _scatter_patches(tokens, vis.ids, vis.cu_seqlens, patch_size, vis.batch_size, P // patch_size ** 2,
+                            H, W, float(fill))
+
+
+def _scatter_ref(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill):
+    return reference.scatter_patches_ref(tokens, ids, cu_seqlens, patch_size, (batch, channels, height, width), fill)
+
+
+register(OP, "torch")(_scatter_ref)
+register_compiled(OP, "scatter_patches_kernel")
+
+
+@register(OP, "triton")
+def _scatter_patches_triton(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill):
+    from . import patches_triton
+
+    return patches_triton.scatter_patches(tokens, ids, cu_seqlens, patch_size, (batch, channels, height, width), fill)
