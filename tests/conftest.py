@@ -8,9 +8,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="no CUDA device on this machine"))]
-
 
 @pytest.fixture(autouse=True)
 def _seed():

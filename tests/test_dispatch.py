@@ -1,0 +1,98 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import maskdm_kernels as mk
+from maskdm_kernels import _cpp_lib, dispatch
+
+from .utils import make_visible
+
+
+def test_backend_context_manager_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("MASKDM_BACKEND", raising=False)
+    assert mk.current_backend() == "auto"
+    with mk.backend("torch"):
+        assert mk.current_backend() == "torch"
+        with mk.backend("triton"):
+            assert mk.current_backend() == "triton"
+        assert mk.current_backend() == "torch"
+    assert mk.current_backend() == "auto"
+
+
+def test_env_var_selects_and_is_validated(monkeypatch):
+    monkeypatch.setenv("MASKDM_BACKEND", "torch")
+    assert mk.current_backend() == "torch"
+    monkeypatch.setenv("MASKDM_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="MASKDM_BACKEND"):
+        mk.current_backend()
+    with pytest.raises(ValueError, match="backend"):
+        with mk.backend("nope"):
+            pass
+
+
+def test_forced_backend_raises_with_reasons_instead_of_falling_back(monkeypatch):
+    monkeypatch.delenv("MASKDM_BACKEND", raising=False)
+    vis = make_visible("uniform", 2, 16, "cpu")
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run gather_patches.*CUDA tensors"):
+        with mk.backend("cuda"):
+            mk.gather_patches(x, vis, 2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with mk.backend("triton"):
+            mk.gather_patches(x, vis, 2)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        with mk.backend("triton"):
+            mk.gather_patches(x.bfloat16(), vis, 2)
+
+
+def test_auto_on_cpu_prefers_the_compiled_kernel():
+    name, _ = dispatch.select("gather_patches", torch.device("cpu"), torch.float32)
+    assert name == ("cpu" if _cpp_lib.loaded() else "torch")
+    assert dispatch.candidates("gather_patches", torch.device("cuda"))[0] == "triton"
+
+
+def test_extension_built_by_make_test_loads():
+    info = _cpp_lib.build_info()
+    if not info.get("built"):
+        pytest.skip(f"no extension build here: {info.get('reason')}")
+    assert _cpp_lib.loaded(), _cpp_lib.LOAD_ERROR
+    for kernel in ("gather_patches_kernel", "scatter_patches_kernel", "masked_noise_loss_kernel",
+                   "masked_noise_loss_backward_kernel"):
+        assert _cpp_lib.has_kernel(kernel), kernel
+    assert bool(_cpp_lib._C.WITH_CUDA) == bool(info["with_cuda"])
+
+
+def test_info_tells_the_truth_about_this_machine():
+    out = subprocess.run([sys.executable, "-m", "maskdm_kernels.info"], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "MASKDM_BACKEND": "auto"}).stdout
+    expected = "cpu" if _cpp_lib.loaded() else "torch"
+    assert f"gather_patches: auto -> {expected}" in out
+    assert f"masked_noise_loss: auto -> {expected}" in out
+    assert "torch: " in out and "triton:" in out
+    if not torch.cuda.is_available():
+        assert "cuda backend needs CUDA tensors" in out
+
+
+def test_compile_fullgraph_gather_linear_loss():
+    # gather (noising) -> a linear layer -> loss, as one graph: no graph break, no host sync.
+    B, C, H, W, p = 4, 3, 8, 8, 2
+    vis = make_visible("varlen", B, 16, "cpu")
+    x, noise = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    ss, ns = torch.rand(B), torch.rand(B)
+    lin = torch.nn.Linear(p * p * C, p * p * C)
+
+    def step(x, noise, ss, ns, ids, cu):
+        v = mk.Visible(ids, cu, vis.max_seqlen, vis.num_patches, False)
+        tokens = mk.gather_patches(x, v, p, noise=noise, signal_scale=ss, noise_scale=ns)
+        return mk.masked_noise_loss(lin(tokens), noise, v, p)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    loss = compiled(x, noise, ss, ns, vis.ids, vis.cu_seqlens)
+    loss.backward()
+    expected = step(x, noise, ss, ns, vis.ids, vis.cu_seqlens)
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
