@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmark suites: devices, shapes, block masks, timing and throughput units."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maskdm_kernels as mk
+from maskdm_kernels.dispatch import not_supported_reasons
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# Paper shape on a GPU (CelebA-HQ 256, p=4, batch 256); a small one on CPU.
+PATCH_SHAPE = dict(batch=256, channels=3, size=256, patch=4) if ON_GPU else dict(batch=64, channels=3, size=64, patch=4)
+PATCH_DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    """The benchmarked callable: runs ``fn`` and waits for the device, so the time is the kernel's."""
+
+    def run():
+        out = fn()
+        sync()
+        return out
+
+    return run
+
+
+def block_mask(batch: int, grid: int, ratio: float, block: int = 4, device=DEVICE, seed: int = 0) -> torch.Tensor:
+    """Boolean ``(B, grid*grid)`` mask, True = masked: ``int(ratio * N) // block**2`` random whole blocks."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nb = (grid // block) ** 2
+    n_masked = int(ratio * grid * grid) // (block * block)
+    blocks = torch.rand(batch, nb, generator=g).argsort(dim=1) < n_masked  # (B, nb) True = masked block
+    blocks = blocks.view(batch, grid // block, 1, grid // block, 1)
+    return blocks.expand(-1, -1, block, -1, block).reshape(batch, grid * grid).to(device)
+
+
+def backend_providers(op: str, dtype: torch.dtype) -> list:
+    """Each backend that can run ``op`` here, as pytest params; the rest skipped with the dispatcher's reason.
+
+    The interpreted Triton backend is not a performance number, so it is skipped on CPU."""
+    params = []
+    for name in ("cuda", "triton", "cpu", "torch"):
+        reasons = not_supported_reasons(op, name, torch.device(DEVICE), dtype)
+        if name == "triton" and not ON_GPU:
+            reasons = ["an interpreted Triton time is not a performance number"]
+        marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def record(benchmark, *, bytes_moved: float | None = None, flops: float | None = None, **extra) -> None:
+    """Put throughput beside the time: GB/s on the given bytes, TFLOP/s on the given flops (median time)."""
+    med = benchmark.stats.stats.median
+    benchmark.extra_info.update(extra)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name(0) if ON_GPU else "cpu"
+    if bytes_moved is not None:
+        benchmark.extra_info["bytes"] = int(bytes_moved)
+        benchmark.extra_info["GB/s"] = round(bytes_moved / med / 1e9, 2)
+    if flops is not None:
+        benchmark.extra_info["flops"] = int(flops)
+        benchmark.extra_info["TFLOP/s"] = round(flops / med / 1e12, 3)
+
+
+def visible_from_mask(mask: torch.Tensor) -> mk.Visible:
+    # Uniform block masks: every sample keeps the same count, so build the uniform layout without a sync.
+    B, N = mask.shape
+    keep = (~mask).int()
+    nv = int(keep[0].sum())
+    idx = keep.argsort(dim=1, descending=True, stable=True)[:, :nv]
+    return mk.Visible.from_index(idx, N)
