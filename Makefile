@@ -1,5 +1,8 @@
 # The two commands that set up a fresh machine: `make train` (the main job) and `make test`.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+# pip on some machines warns about missing local index folders; keep the logs readable.
+QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,12 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PIP) install -q torch
-	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	# Dependencies only; the extension is built by the .build-stamp rule below (once).
+	MASKDM_SKIP_BUILD=1 $(PIP) install -q --no-build-isolation -e ".[test,bench]" $(QUIET)
+	$(PY) -c "import torch, triton, maskdm_kernels" || { echo "environment set-up failed"; exit 1; }
 	touch $@
 
 # Rebuild the extension when a source or setup.py changes.
 .build-stamp: $(VENV)/.installed $(CSRC) setup.py
-	$(BUILD_ENV) $(PIP) install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BUILD_ENV) $(PIP) install -q --no-build-isolation --no-deps -e . $(QUIET)
 	$(PY) -c "import maskdm_kernels._C" || { echo "extension failed to build or load"; exit 1; }
 	touch $@
 
