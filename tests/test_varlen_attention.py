@@ -1,0 +1,296 @@
+"""varlen_attention / attention: Triton (under TRITON_INTERPRET=1 on CPU) and torch backends against float64.
+
+Accuracy rule (DESIGN.md): the max abs error of each output and gradient is at most 2x the error of PyTorch's own
+attention (SDPA per sequence, same dtype, same inputs) against the float64 reference, plus a small absolute floor for
+the case where PyTorch happens to be near-exact. Both backends are held to it (on CPU the torch backend runs the
+same fused kernel as SDPA, per sequence, so it matches PyTorch's error exactly). Long sequences run with few heads and one head dim; the head-dim sweep
+runs on short sequences: the interpreter is slow.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import maskdm_kernels as mk
+from maskdm_kernels import dispatch
+from maskdm_kernels.reference import attention_ref, varlen_attention_ref
+
+from .utils import DEVICES
+
+NEEDS_TRITON = pytest.mark.skipif(dispatch._triton_error() is not None, reason="triton is not importable")
+TRITON = pytest.param("triton", marks=NEEDS_TRITON)
+BACKENDS = [TRITON, "torch"]
+# Floor of the 2x rule (outputs and gradients here are O(1)): ~4 ulps of fp32, ~1/10 ulp of fp16 and of bf16.
+FLOOR = {torch.float32: 5e-7, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+LONG = (417, 1, 129, 2, 17, 64)  # every tail: 1, 2, a block + 1, an exact block, 417 = 6 * 64 + 33
+
+
+def _case(lengths, heads, head_dim, dtype, device="cpu", seed=0):
+    """Packed q, k, v as strided views of one (T, 3, H, Dh) leaf, like a fused qkv projection."""
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    T = int(cu[-1])
+    qkv = torch.randn(T, 3, heads, head_dim, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    return qkv, cu, max(lengths)
+
+
+def _run(backend, qkv, cu, max_seqlen, dout, **kw):
+    q, k, v = qkv.unbind(1)
+    with mk.backend(backend):
+        out = mk.varlen_attention(q, k, v, cu, max_seqlen, **kw)
+        (grad,) = torch.autograd.grad(out, qkv, dout)
+    return out, grad
+
+
+def _sdpa_per_sequence(qkv, cu, dout):
+    """PyTorch's own attention in qkv's dtype, one SDPA call per sequence: (out, dqkv)."""
+    q, k, v = qkv.unbind(1)
+    bounds = cu.tolist()
+    outs = [F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
+            for s, e in itertools.pairwise(bounds)]
+    out = torch.cat(outs)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    return out, grad
+
+
+def _reference(qkv, cu, max_seqlen, dout):
+    leaf = qkv.detach().double().requires_grad_(True)
+    out = varlen_attention_ref(*leaf.unbind(1), cu, max_seqlen)
+    (grad,) = torch.autograd.grad(out, leaf, dout.double())
+    return out, grad
+
+
+def _check(name, got, ref, bound):
+    err = (got.double() - ref).abs()
+    worst = err.max().item()
+    idx = tuple(i.item() for i in torch.unravel_index(err.argmax(), err.shape))
+    assert worst <= bound, f"{name}: max abs error {worst:.3g} > bound {bound:.3g} at {idx}"
+
+
+def _compare(backend, lengths, heads, head_dim, dtype, device="cpu"):
+    qkv, cu, L = _case(lengths, heads, head_dim, dtype, device)
+    dout = torch.randn(qkv.shape[0], heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    out, grad = _run(backend, qkv, cu, L, dout)
+    assert out.shape == (qkv.shape[0], heads, head_dim) and out.dtype == dtype and grad.dtype == dtype
+    ref_out, ref_grad = _reference(qkv, cu, L, dout)
+    pt_out, pt_grad = _sdpa_per_sequence(qkv, cu, dout)
+    pairs = [("out", out, ref_out, pt_out)] + [
+        (f"d{n}", grad[:, i], ref_grad[:, i], pt_grad[:, i]) for i, n in enumerate("qkv")]
+    for name, got, ref, pt in pairs:
+        pt_err = (pt.double() - ref).abs().max().item()
+        _check(f"{backend} {dtype} {name}", got, ref, 2 * pt_err + FLOOR[dtype])
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths,heads,head_dim", [
+    (LONG, 2, 64),                          # long, ragged, few heads
+    ((17, 1, 64, 2, 33), 12, 32),           # many heads
+    *[((1, 2, 17, 64, 70), h, d) for h, d in [(3, 16), (1, 40), (5, 72), (2, 96), (3, 128)]],  # head-dim sweep
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, device, lengths, heads, head_dim):
+    for dtype in _dtypes(device):
+        _compare(backend, lengths, heads, head_dim, dtype, device)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(64, 32), (16, 16), (128, 128)])
+def test_triton_other_block_sizes(monkeypatch, block_m, block_n):
+    """Configurations the GPU autotuner may pick (the interpreter otherwise runs 32 x 64)."""
+    from maskdm_kernels.ops import varlen_attention_triton
+
+    monkeypatch.setattr(varlen_attention_triton, "INTERPRET_CONFIG", {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    _compare("triton", (200, 1, 16, 33, 129), 1, 40, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse(backend):
+    """The forward op's second output is the natural-log log-sum-exp of each row's scaled scores, (H, T) fp32."""
+    for dtype in (torch.float32, torch.float16):
+        qkv, cu, L = _case((1, 17, 64, 70), 3, 40, dtype)
+        q, k, v = qkv.detach().unbind(1)
+        with mk.backend(backend):
+            _, lse = torch.ops.maskdm.varlen_attention(q, k, v, cu, L, 0.3)
+        assert lse.shape == (3, q.shape[0]) and lse.dtype == torch.float32
+        seg = torch.repeat_interleave(torch.arange(4), cu.diff().long())
+        s = torch.einsum("thd,shd->hts", q.double(), k.double()) * 0.3
+        ref = s.masked_fill(seg[:, None] != seg[None, :], -math.inf).logsumexp(-1)
+        _check(f"{backend} {dtype} lse", lse, ref, 1e-5 if dtype == torch.float32 else 2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_read_in_place(backend):
+    """Views of a fused qkv, contiguous copies and a non-unit head-dim stride give identical results."""
+    qkv, cu, L = _case((5, 70, 33), 2, 24, torch.float32)
+    q, k, v = qkv.detach().unbind(1)
+    wide = torch.randn(q.shape[0], 2, 48)[..., ::2]  # head-dim stride 2
+    with mk.backend(backend):
+        a = mk.varlen_attention(q, k, v, cu, L)
+        b = mk.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, L)
+        c = mk.varlen_attention(wide, k, v, cu, L)
+        d = mk.varlen_attention(wide.contiguous(), k, v, cu, L)
+    assert torch.equal(a, b) and torch.equal(c, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_leak_between_sequences(backend):
+    qkv, cu, L = _case((17, 64, 33), 2, 32, torch.float32)
+    q, k, v = (x.clone() for x in qkv.detach().unbind(1))
+    with mk.backend(backend):
+        before = mk.varlen_attention(q, k, v, cu, L)
+        k[17:81].normal_().mul_(10.0)
+        v[17:81].normal_()
+        after = mk.varlen_attention(q, k, v, cu, L)
+    assert torch.equal(before[:17], after[:17]) and torch.equal(before[81:], after[81:])
+    assert not torch.equal(before[17:81], after[17:81])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_deterministic(device):
+    qkv, cu, L = _case((129, 17, 64), 2, 40, torch.float16, device)
+    dout = torch.randn(qkv.shape[0], 2, 40, device=device, dtype=torch.float16)
+    first = _run("triton", qkv, cu, L, dout)
+    second = _run("triton", qkv, cu, L, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_single_token_sequences(backend):
+    """A zero-length sequence (repeated cu_seqlens entry) contributes nothing and disturbs nothing."""
+    qkv, cu, _ = _case((3, 1, 5), 2, 16, torch.float32)
+    cu = torch.tensor([0, 3, 3, 4, 9], dtype=torch.int32)
+    dout = torch.randn(9, 2, 16)
+    out, grad = _run(backend, qkv, cu, 5, dout)
+    ref_out, ref_grad = _reference(qkv, cu, 5, dout)
+    _check("out", out, ref_out, 1e-5)
+    _check("grad", grad, ref_grad, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_attention(backend):
+    """attention(): (B, N, H, Dh) in and out, including strided views of a fused (B, N, 3, H, Dh) projection."""
+    qkv = torch.randn(3, 37, 3, 2, 24, dtype=torch.float32, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    with mk.backend(backend):
+        out = mk.attention(q, k, v, softmax_scale=0.2)
+        (grad,) = torch.autograd.grad(out.square().sum(), qkv)
+    leaf = qkv.detach().double().requires_grad_(True)
+    ref = attention_ref(*leaf.unbind(2), softmax_scale=0.2)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), leaf)
+    assert out.shape == (3, 37, 2, 24)
+    _check("out", out, ref, 1e-5)
+    _check("grad", grad, ref_grad, 1e-4)
+
+
+def test_torch_backend_float64_is_exact():
+    qkv, cu, L = _case((1, 17, 64, 70), 2, 40, torch.float64)
+    dout = torch.randn(qkv.shape[0], 2, 40, dtype=torch.float64)
+    out, grad = _run("torch", qkv, cu, L, dout)
+    ref_out, ref_grad = _reference(qkv, cu, L, dout)
+    _check("out", out, ref_out, 1e-12)
+    _check("grad", grad, ref_grad, 1e-12)
+
+
+def test_torch_backend_without_fused_kernel(monkeypatch):
+    """The path CUDA's backward and older torch take: explicit-math forward, recompute + torch.func.vjp backward."""
+    from maskdm_kernels.ops import varlen_attention as op
+
+    monkeypatch.setattr(op, "_cpu_fused", lambda: False)
+    for lengths in ((1, 17, 64, 70), (33, 33)):
+        qkv, cu, L = _case(lengths, 2, 40, torch.float32)
+        dout = torch.randn(qkv.shape[0], 2, 40)
+        out, grad = _run("torch", qkv, cu, L, dout)
+        ref_out, ref_grad = _reference(qkv, cu, L, dout)
+        _check("out", out, ref_out, 1e-5)
+        _check("grad", grad, ref_grad, 1e-5)
+
+
+def test_auto_and_reasons():
+    cpu = torch.device("cpu")
+    assert dispatch.select("varlen_attention", cpu, torch.float32, head_dim=64)[0] == "torch"
+    assert dispatch.candidates("varlen_attention", torch.device("cuda"))[0] == "triton"
+    reasons = dispatch.not_supported_reasons("varlen_attention", "triton", cpu, torch.float32, head_dim=136)
+    assert any("head dim 136" in r for r in reasons)
+    reasons = dispatch.not_supported_reasons("varlen_attention", "triton", cpu, torch.float32, head_dim=64,
+                                             batch_heads=70000)
+    assert any("65535" in r for r in reasons)
+
+
+def _bad(**over):
+    qkv, cu, L = _case((3, 4), 2, 16, torch.float32)
+    args = dict(zip("qkv", qkv.detach().unbind(1)), cu_seqlens=cu, max_seqlen=L)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,exc,arg", [
+    ({"cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int64)}, TypeError, "cu_seqlens"),
+    ({"cu_seqlens": torch.tensor([0], dtype=torch.int32)}, ValueError, "cu_seqlens"),
+    ({"cu_seqlens": torch.tensor([[0, 3, 7]], dtype=torch.int32)}, ValueError, "cu_seqlens"),
+    ({"max_seqlen": 0}, TypeError, "max_seqlen"),
+    ({"q": torch.randn(7, 2, 12), "k": torch.randn(7, 2, 12), "v": torch.randn(7, 2, 12)}, ValueError, "q"),
+    ({"q": torch.randn(7, 2, 136), "k": torch.randn(7, 2, 136), "v": torch.randn(7, 2, 136)}, ValueError, "q"),
+    ({"q": torch.randn(7, 32)}, ValueError, "q"),
+    ({"k": torch.randn(7, 3, 16)}, ValueError, "k"),
+    ({"v": torch.randn(7, 2, 24)}, ValueError, "v"),
+    ({"v": torch.randn(7, 2, 16, dtype=torch.float16)}, TypeError, "v"),
+    ({"k": torch.randint(0, 3, (7, 2, 16))}, TypeError, "k"),
+])
+def test_bad_inputs_name_the_argument(over, exc, arg):
+    with pytest.raises(exc, match=rf"varlen_attention: {arg}\b"):
+        mk.varlen_attention(**_bad(**over))
+
+
+@pytest.mark.parametrize("cu,max_seqlen,arg", [
+    ([0, 5, 3, 7], 5, "cu_seqlens"),  # not monotone
+    ([0, 3, 6], 4, "cu_seqlens"),     # ends before T = 7
+    ([1, 3, 7], 4, "cu_seqlens"),     # does not start at 0
+    ([0, 3, 7], 3, "max_seqlen"),     # longest is 4
+])
+def test_validate(cu, max_seqlen, arg):
+    args = _bad(cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max_seqlen)
+    with pytest.raises(ValueError, match=rf"varlen_attention: {arg}\b"):
+        mk.varlen_attention(**args, validate=True)
+    mk.varlen_attention(**_bad(), validate=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    qkv, cu, L = _case((3, 5), 2, 16, torch.float32)
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in qkv.unbind(1))
+    with mk.backend(backend):
+        torch.library.opcheck(torch.ops.maskdm.varlen_attention.default, (q, k, v, cu, L, 0.25))
+        out, lse = torch.ops.maskdm.varlen_attention(q.detach(), k.detach(), v.detach(), cu, L, 0.25)
+        torch.library.opcheck(torch.ops.maskdm.varlen_attention_backward.default,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, L, 0.25))
+
+
+@pytest.mark.parametrize("backend,compiler", [
+    pytest.param("triton", "inductor", marks=NEEDS_TRITON), ("torch", "aot_eager")])
+def test_torch_compile_fullgraph(backend, compiler):
+    """A pre-LN attention block over packed tokens compiles in one graph; output and grads match eager."""
+    torch.manual_seed(0)
+    H, D, lengths = 2, 16, (5, 9, 1)
+    cu = torch.tensor([0, 5, 14, 15], dtype=torch.int32)
+    norm, qkv_proj, proj = torch.nn.LayerNorm(H * D), torch.nn.Linear(H * D, 3 * H * D), torch.nn.Linear(H * D, H * D)
+
+    def block(x, cu_seqlens):
+        q, k, v = qkv_proj(norm(x)).view(x.shape[0], 3, H, D).unbind(1)
+        return x + proj(mk.varlen_attention(q, k, v, cu_seqlens, max(lengths)).reshape(x.shape[0], H * D))
+
+    x = torch.randn(15, H * D, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)
+    with mk.backend(backend):
+        y_eager = block(x, cu)
+        g_eager = torch.autograd.grad(y_eager.sum(), (x, proj.weight))
+        y = compiled(x, cu)
+        g = torch.autograd.grad(y.sum(), (x, proj.weight))
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
