@@ -1,0 +1,217 @@
+"""``maskdm`` command line: train, sample, eval, info.
+
+    maskdm train --config FILE [key=value ...] [--resume]
+    maskdm sample --ckpt PATH --num N --steps S --sampler ddim|ddpm --out grid.png
+    maskdm eval --ckpt PATH --data SPEC --num N
+    maskdm info
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskdm", description="Masked diffusion pre-training (MaskDM): train, sample, "
+                                "evaluate. Multi-GPU: torchrun --nproc_per_node N -m maskdm train ...")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train the stages of a config (then sample + evaluate if eval.enabled)")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.seed=1 stages.pretrain.steps=500 stages.1.lr=1e-5")
+    t.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint of train.out_dir")
+    t.add_argument("--no-eval", action="store_true", help="skip the final sampling + FID even if eval.enabled")
+
+    s = sub.add_parser("sample", help="sample a grid from a checkpoint")
+    s.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt-XXXXXXXX) or run folder (its newest)")
+    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm always uses all T)")
+    s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; the paper: 1.0 with 250 steps)")
+    s.add_argument("--out", default="grid.png", help="PNG grid path")
+    s.add_argument("--weights", choices=["ema", "online"], default="ema")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--nrow", type=int, default=None)
+
+    e = sub.add_parser("eval", help="FID / KID of a checkpoint's samples against a dataset")
+    e.add_argument("--ckpt", required=True, help="checkpoint folder or run folder")
+    e.add_argument("--data", default=None, help="fashion_mnist[:train|test][:ROOT], folder:PATH or PATH "
+                   "(default: the checkpoint's training data)")
+    e.add_argument("--num", type=int, default=1000, help="generated images, and as many real ones")
+    e.add_argument("--steps", type=int, default=250)
+    e.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    e.add_argument("--eta", type=float, default=1.0)
+    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--weights", choices=["ema", "online"], default="ema")
+    e.add_argument("--backbone", choices=["effnet-lite0", "inception"], default="effnet-lite0")
+    e.add_argument("--inception-weights", default=None,
+                   help="FID Inception weights file; selects --backbone inception (needs torch-fidelity)")
+    e.add_argument("--resize", type=int, default=224, help="backbone input size (effnet-lite0)")
+    e.add_argument("--baseline", action="store_true", help="also score the untrained model (same seed)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default=None)
+    e.add_argument("--out", default=None, help="results JSON (default: eval-<backbone>-<step>.json beside the ckpt)")
+
+    sub.add_parser("info", help="versions, kernel backends, GPU")
+    return p
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_train(args) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"maskdm train: config error: {e}", file=sys.stderr)
+        return 2
+    from .train import evaluate_after_training, train
+
+    t0 = time.time()
+    summary = train(cfg, resume=args.resume)
+    rank = int(os.environ.get("RANK", "0"))
+    if summary["interrupted"]:
+        if rank == 0:
+            print(f"[train] interrupted; resume with: maskdm train --config {args.config} "
+                  f"{' '.join(args.overrides)} --resume".replace("  ", " "))
+        return 128 + summary["interrupted"]
+    if rank != 0:
+        return 0
+    t_train = time.time() - t0
+    print(f"[train] finished {summary['step']} steps in {t_train:.0f}s")
+    if cfg.eval.enabled and not args.no_eval:
+        t1 = time.time()
+        res = evaluate_after_training(cfg, summary)
+        summary.update(eval_json=res["eval_json"], final_grid=res["grid"])
+        print(f"[eval] done in {time.time() - t1:.0f}s")
+    summary["train_seconds"] = round(t_train, 1)
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    Path(cfg.train.out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    print("[done] outputs:")
+    for k, label in (("final_grid", "sample grid"), ("eval_json", "FID/KID results"), ("loss_curve", "loss curve"),
+                     ("metrics", "training metrics"), ("checkpoint", "checkpoint")):
+        if summary.get(k):
+            print(f"  {label:17}: {summary[k]}")
+    if summary.get("eval_json"):
+        res = json.loads(Path(summary["eval_json"]).read_text())
+        for name, r in res["models"].items():
+            print(f"  FID ({res['backbone_id']}) {name:9}: {r['fid']:.2f}   KID {r['kid_mean']:.4f}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sample import generate, load_for_sampling, save_grid
+
+    device = _device(args.device)
+    model, diffusion, _ = load_for_sampling(args.ckpt, args.weights, device)
+    from tqdm import tqdm
+
+    total = args.num * (args.steps if args.sampler == "ddim" else diffusion.num_timesteps)
+    with tqdm(total=total, desc="sampling", unit="img-step", mininterval=1.0) as bar:
+        x = generate(model, diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                     batch_size=args.batch_size, seed=args.seed, device=device, autocast=device.type == "cuda",
+                     progress=bar.update)
+    path = save_grid(x, args.out, nrow=args.nrow)
+    print(f"[sample] {args.num} images ({args.sampler}, {args.steps if args.sampler == 'ddim' else 'all'} steps, "
+          f"{args.weights} weights) -> {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .checkpoint import find_checkpoint
+    from .data import build_dataset, parse_data_spec
+    from .evaluate import real_images, score_models, write_json
+    from .sample import build_model, data_channels, load_for_sampling
+
+    device = _device(args.device)
+    backbone = "inception" if args.inception_weights else args.backbone
+    ck = find_checkpoint(args.ckpt)
+    model, diffusion, cfg = load_for_sampling(ck, args.weights, device)
+    data_cfg = cfg.data if args.data is None else parse_data_spec(args.data, cfg.data.image_size, data_channels(cfg))
+    dataset = build_dataset(data_cfg)
+    models = {"trained": model}
+    if args.baseline:
+        torch.manual_seed(cfg.train.seed)
+        models["untrained"] = build_model(cfg, data_channels(cfg)).to(device).eval()
+    real = real_images(dataset, args.num, seed=args.seed)
+    res = score_models(models, diffusion, real, num=args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                       batch_size=args.batch_size, seed=args.seed, backbone=backbone, resize=args.resize,
+                       inception_weights=args.inception_weights, device=device, autocast=device.type == "cuda")
+    res.update(checkpoint=str(ck), weights=args.weights, data=dataset.name)
+    out = Path(args.out) if args.out else ck.parent.parent / f"eval-{backbone}-{ck.name}.json"
+    write_json(res, out)
+    print(f"[eval] results ({res['backbone']}) -> {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    import maskdm_kernels
+    from maskdm_kernels import info as kinfo
+
+    print(f"maskdm {_version()}  python {platform.python_version()}  torch {torch.__version__}")
+    for mod in ("torchmetrics", "safetensors", "efficientnet_lite_pytorch"):
+        try:
+            m = __import__(mod)
+            print(f"  {mod}: {getattr(m, '__version__', 'installed')}")
+        except ImportError:
+            print(f"  {mod}: not installed")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"  cuda:{i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+    else:
+        print(f"  GPU: none visible (CPU threads: {torch.get_num_threads()})")
+    print(f"  distributed backends: nccl={torch.distributed.is_nccl_available()} "
+          f"gloo={torch.distributed.is_gloo_available()}")
+    print()
+    print(kinfo.report())
+    del maskdm_kernels
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("maskdm")
+    except PackageNotFoundError:
+        return "0.1.0 (not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError
+
+    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info}
+    try:
+        return handlers[args.cmd](args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"maskdm {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

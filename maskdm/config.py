@@ -1,0 +1,420 @@
+"""Run configuration: YAML -> typed dataclasses, validated before any work starts.
+
+    cfg = load_config("configs/fashion_mnist_quick.yaml", ["stages.pretrain.steps=100", "train.seed=1"])
+
+Every key is checked against the dataclass fields below: an unknown key, a value of the wrong type or a
+value outside its allowed set raises ``ConfigError`` naming the dotted key and what is allowed. Overrides are
+``dotted.key=value`` with the value parsed as YAML (``0.5``, ``[0.5, 0.9]``, ``true``, ``null``); a stage is
+addressed by its index or its name (``stages.0.lr=1e-4`` or ``stages.finetune.lr=1e-4``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "EvalConfig", "ModelConfig", "StageConfig",
+           "TrainConfig", "apply_overrides", "config_from_dict", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the dotted key and the allowed values."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "uvit-tiny"  # a preset of maskdm.create_model: uvit-tiny, uvit-s, uvit-b
+    patch_size: int | None = None  # None: the preset's
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    qkv_bias: bool | None = None
+    # The image size and channel count come from `data` (image_size, and 1 for Fashion-MNIST).
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion_mnist", "folder"] = "fashion_mnist"
+    root: str | None = None  # fashion_mnist: default /usr/share/datasets/fashion-mnist; folder: required
+    split: Literal["train", "test"] = "train"  # fashion_mnist only
+    image_size: int = 32  # fashion_mnist: 28x28 padded to 32x32 (then resized if not 32)
+    channels: int | None = None  # None: 1 for fashion_mnist, 3 for folder; folder images convert to L or RGB
+    subset: float = 1.0  # deterministic fraction of the images kept (the 10%-data transfer setting)
+    subset_seed: int = 0
+    hflip: float = 0.0  # probability of a horizontal flip per sample
+    num_workers: int = 0  # DataLoader workers
+    cache_dir: str | None = None  # folder decode cache; None: $XDG_CACHE_HOME/maskdm or ~/.cache/maskdm
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["cosine", "linear"] = "cosine"
+    timesteps: int = 1000
+
+
+@dataclass
+class StageConfig:
+    name: str = "train"
+    steps: int = 1000
+    batch_size: int = 64  # global, over all ranks
+    lr: float = 2e-4
+    warmup_steps: int = 0  # linear warm-up, then constant
+    betas: tuple[float, float] = (0.99, 0.99)
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    ema_decay: float = 0.999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) for the stage's first steps
+    mask: Literal["none", "random", "block", "crop"] = "none"
+    mask_ratio: float | tuple[float, float] = 0.0  # masked fraction; (low, high): per-sample, varlen
+    block_size: int = 4  # for mask=block, in patches
+    crop_size: int = 0  # for mask=crop, in patches
+    # Where a stage after the first starts from: the previous stage's online weights or its EMA.
+    init_weights: Literal["online", "ema"] = "online"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    threads: int | None = None  # torch.set_num_threads (CPU); None: PyTorch's default
+    init_from: str | None = None  # checkpoint dir, run dir or .safetensors to start a separate run from
+    init_weights: Literal["online", "ema"] = "online"  # which weights of init_from
+    log_every: int = 10
+    sample_every: int = 0  # steps between sample grids; 0: only at the end of each stage
+    sample_num: int = 64
+    sample_steps: int = 50  # DDIM steps for the grids
+    ckpt_every: int = 1000  # 0: only at stage ends, on signals and at the end
+    keep_last: int = 3
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = False  # `maskdm train` samples and evaluates at the end
+    num: int = 1000  # generated images (and as many real ones)
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 250  # DDIM steps (DDPM always uses all T)
+    eta: float = 1.0
+    batch_size: int = 250
+    weights: Literal["ema", "online"] = "ema"
+    backbone: Literal["effnet-lite0", "inception"] = "effnet-lite0"
+    inception_weights: str | None = None  # FID Inception weights file (backbone=inception)
+    resize: int = 224  # backbone input size
+    baseline_untrained: bool = True  # also score an untrained model (same init) for reference
+    grid: int = 64  # images in the final sample grid
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_start(self, index: int) -> int:
+        """Global step at which stage ``index`` begins."""
+        return sum(s.steps for s in self.stages[:index])
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from the defaults with ``path=None``), apply ``key=value`` overrides, build
+    and validate the typed config."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Apply ``dotted.key=value`` overrides to a raw config dict (a copy is returned)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value, e.g. train.seed=1")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty part in key {key!r}")
+        _set(raw, parts, value, key)
+    return raw
+
+
+def _set(raw: dict, parts: list[str], value, key: str) -> None:
+    node: Any = raw
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if cls is StageList:
+            stages = node
+            idx = _stage_index(stages, part, here)
+            if last:
+                raise ConfigError(f"override {key}: set a field of the stage, e.g. {here}.steps=100")
+            node, cls = stages[idx], StageConfig
+            continue
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(_unknown(here, part, list(names)))
+        hint = _hints(cls)[part]
+        if last:
+            node[part] = value
+            return
+        if _origin(hint) is list:
+            node.setdefault(part, [dataclasses.asdict(StageConfig())] if part == "stages" else [])
+            node, cls = node[part], StageList
+        elif dataclasses.is_dataclass(hint):
+            sub = node.setdefault(part, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{here} must be a mapping, got {type(sub).__name__}")
+            node, cls = sub, hint
+        else:
+            raise ConfigError(f"override {key}: {here} is a value, it has no field {parts[i + 1]!r}")
+
+
+class StageList:  # marker for the stage list while walking an override key
+    pass
+
+
+def _stage_index(stages: list, part: str, here: str) -> int:
+    if part.isdigit():
+        idx = int(part)
+        if idx >= len(stages):
+            raise ConfigError(f"{here}: stage index {idx} out of range; the config has {len(stages)} stage(s)")
+        return idx
+    names = [s.get("name", StageConfig.name) if isinstance(s, dict) else None for s in stages]
+    if part not in names:
+        raise ConfigError(f"{here}: no stage named {part!r}; stages: {', '.join(map(str, names))} "
+                          f"(or an index 0..{len(stages) - 1})")
+    return names.index(part)
+
+
+# ---------------------------------------------------------------------------------------- typed building
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _origin(tp):
+    return typing.get_origin(tp)
+
+
+def _build(cls, raw, path: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown(_join(path, str(key)), str(key), names))
+    hints = _hints(cls)
+    kwargs = {k: _convert(hints[k], v, _join(path, k)) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _unknown(where: str, key: str, allowed: list[str]) -> str:
+    near = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown config key {where!r}{hint}; allowed keys here: {', '.join(allowed)}"
+
+
+def _describe(tp) -> str:
+    o = _origin(tp)
+    if o is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if o in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if o is tuple:
+        return "a list [" + ", ".join(_describe(a) for a in typing.get_args(tp)) + "]"
+    if o is list:
+        return "a list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp, value, path: str):
+    o = _origin(tp)
+    if o in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path} = {value!r}: expected {_describe(tp)}")
+    if o is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path} = {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if o is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{path} must be a non-empty list, got {value!r}")
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if o is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path} = {value!r}: expected {_describe(tp)}")
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path} = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path} = {value!r}: expected a string")
+    raise ConfigError(f"{path}: unsupported field type {tp}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not allowed; expected {expected}")
+
+
+def _validate(cfg: Config) -> None:
+    from .model import PRESETS  # the registry of model presets
+
+    m, d, df, tr, ev = cfg.model, cfg.data, cfg.diffusion, cfg.train, cfg.eval
+    _check(m.name in PRESETS, "model.name", m.name, "one of " + ", ".join(PRESETS))
+    for k in ("patch_size", "embed_dim", "depth", "num_heads"):
+        v = getattr(m, k)
+        _check(v is None or v > 0, f"model.{k}", v, "a positive integer or null (the preset's)")
+    _check(m.mlp_ratio is None or m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number or null")
+    p = m.patch_size or PRESETS[m.name]["patch_size"]
+    _check(d.image_size > 0 and d.image_size % p == 0, "data.image_size", d.image_size,
+           f"a positive multiple of the patch size {p}")
+    _check(d.channels in (None, 1, 3), "data.channels", d.channels, "1, 3 or null")
+    _check(0.0 < d.subset <= 1.0, "data.subset", d.subset, "a fraction in (0, 1]")
+    _check(0.0 <= d.hflip <= 1.0, "data.hflip", d.hflip, "a probability in [0, 1]")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    if d.dataset == "folder":
+        _check(bool(d.root), "data.root", d.root, "the image folder (required for dataset: folder)")
+    _check(df.timesteps >= 2, "diffusion.timesteps", df.timesteps, "an integer >= 2")
+
+    grid = d.image_size // p
+    names = [s.name for s in cfg.stages]
+    for i, s in enumerate(cfg.stages):
+        k = f"stages[{i}]"
+        _check(bool(s.name) and names.count(s.name) == 1, f"{k}.name", s.name, "a non-empty name unique among stages")
+        _check(s.steps >= 0, f"{k}.steps", s.steps, "an integer >= 0")
+        _check(s.batch_size >= 1, f"{k}.batch_size", s.batch_size, "an integer >= 1 (the global batch)")
+        _check(s.lr > 0, f"{k}.lr", s.lr, "a positive number")
+        _check(s.warmup_steps >= 0, f"{k}.warmup_steps", s.warmup_steps, "an integer >= 0")
+        _check(all(0.0 <= b < 1.0 for b in s.betas), f"{k}.betas", list(s.betas), "two numbers in [0, 1)")
+        _check(s.weight_decay >= 0, f"{k}.weight_decay", s.weight_decay, "a number >= 0")
+        _check(s.grad_clip >= 0, f"{k}.grad_clip", s.grad_clip, "a number >= 0 (0 disables clipping)")
+        _check(0.0 <= s.ema_decay < 1.0, f"{k}.ema_decay", s.ema_decay, "a number in [0, 1)")
+        ratios = s.mask_ratio if isinstance(s.mask_ratio, tuple) else (s.mask_ratio,)
+        _check(all(0.0 <= r < 1.0 for r in ratios) and ratios[0] <= ratios[-1], f"{k}.mask_ratio", s.mask_ratio,
+               "a masked fraction in [0, 1) or a [low, high] pair with low <= high")
+        if s.mask == "block":
+            _check(s.block_size >= 1 and grid % s.block_size == 0, f"{k}.block_size", s.block_size,
+                   f"a block size in patches that divides the patch grid {grid}x{grid}")
+        if s.mask == "crop":
+            _check(1 <= s.crop_size <= grid, f"{k}.crop_size", s.crop_size,
+                   f"a window size in patches in [1, {grid}] (the patch grid)")
+    _check(cfg.total_steps >= 1, "stages", [s.steps for s in cfg.stages], "at least one step over all stages")
+
+    for k in ("log_every", "sample_num", "sample_steps", "keep_last"):
+        _check(getattr(tr, k) >= 1, f"train.{k}", getattr(tr, k), "an integer >= 1")
+    for k in ("sample_every", "ckpt_every"):
+        _check(getattr(tr, k) >= 0, f"train.{k}", getattr(tr, k), "an integer >= 0 (0: at stage ends only)")
+    _check(tr.sample_steps <= df.timesteps, "train.sample_steps", tr.sample_steps,
+           f"at most diffusion.timesteps={df.timesteps}")
+    _check(tr.threads is None or tr.threads >= 1, "train.threads", tr.threads, "an integer >= 1 or null")
+    _check(bool(tr.out_dir), "train.out_dir", tr.out_dir, "a directory path")
+
+    if not ev.enabled:  # only `maskdm train`'s final evaluation reads this section
+        return
+    _check(ev.num >= 2, "eval.num", ev.num, "an integer >= 2 (FID needs two samples)")
+    _check(1 <= ev.steps <= df.timesteps, "eval.steps", ev.steps, f"an integer in [1, {df.timesteps}]")
+    _check(ev.eta >= 0, "eval.eta", ev.eta, "a number >= 0")
+    _check(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, "an integer >= 1")
+    _check(ev.resize >= 32, "eval.resize", ev.resize, "an integer >= 32 (backbone input size)")
+    _check(ev.grid >= 1, "eval.grid", ev.grid, "an integer >= 1")
+    if ev.backbone == "inception":
+        _check(bool(ev.inception_weights), "eval.inception_weights", ev.inception_weights,
+               "the path of the FID Inception weights file (needed for backbone: inception)")
+
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,105 @@
+"""Offline FID / KID with the EfficientNet-Lite0 backbone shipped on PyPI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maskdm.evaluate import EffNetLite0Features, FeatureMetrics, make_backbone, score_models, write_json
+
+
+def _shapes(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    """uint8 (n, 1, size, size) grayscale 'items': filled rectangles and ellipses of random size and level."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((n, 1, size, size), np.uint8)
+    for i in range(n):
+        h, w = g.integers(size // 4, size - 4, size=2)
+        level = g.integers(100, 256)
+        if i % 2:
+            out[i, 0, (size - h) // 2:(size + h) // 2, (size - w) // 2:(size + w) // 2] = level
+        else:
+            out[i, 0][((yy - size / 2) / (h / 2)) ** 2 + ((xx - size / 2) / (w / 2)) ** 2 <= 1] = level
+    return torch.from_numpy(out)
+
+
+@pytest.fixture(scope="module")
+def feat():
+    return EffNetLite0Features(resize=64)
+
+
+def _scores(feat, real, fake):
+    m = FeatureMetrics(feat, kid_subset_size=16, kid_subsets=20)
+    m.update(real, real=True)
+    m.update(fake, real=False)
+    return m.compute()
+
+
+def test_fid_kid_self_near_zero_noise_large(feat):
+    a, b = _shapes(48, 0), _shapes(48, 1)
+    noise = torch.randint(0, 256, a.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    same = _scores(feat, a, a.clone())
+    other = _scores(feat, a, b)
+    vs_noise = _scores(feat, a, noise)
+    assert abs(same["fid"]) < 1e-2 * other["fid"], (same, other)
+    assert abs(same["kid_mean"]) < 0.05 * vs_noise["kid_mean"]
+    assert vs_noise["fid"] > 3 * other["fid"] and vs_noise["fid"] > 50, (other, vs_noise)
+    assert vs_noise["kid_mean"] > 3 * other["kid_mean"]
+    assert same["num_real"] == 48 and same["num_fake"] == 48
+
+
+def test_frechet_distance_matches_torchmetrics():
+    from torchmetrics.image.fid import _compute_fid
+
+    from maskdm.evaluate import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 64, generator=g, dtype=torch.float64), torch.randn(30, 64, generator=g, dtype=torch.float64)
+    b = b @ torch.randn(64, 64, generator=g, dtype=torch.float64) * 0.3 + 0.5
+    args = (a.mean(0), a.T.cov(), b.mean(0), b.T.cov())
+    torch.testing.assert_close(frechet_distance(*args), _compute_fid(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_features_shape_memo_and_grayscale(feat):
+    x = _shapes(5, 2)
+    f = feat(x)
+    assert f.shape == (5, EffNetLite0Features.num_features) and f.dtype == torch.float32
+    assert feat(x) is f  # FID and KID share one extraction
+    rgb = x.expand(-1, 3, -1, -1).contiguous()
+    torch.testing.assert_close(feat(rgb), f)  # grayscale is repeated to 3 channels
+    torch.testing.assert_close(feat(x.float() / 255.0), f, atol=1e-3, rtol=1e-3)  # floats in [0, 1] accepted
+
+
+def test_imagenet_weights_are_loaded():
+    """With the shipped weights and the TF-Lite scaling, the classifier knows a cat (offline)."""
+    skdata = pytest.importorskip("skimage.data")
+    m = EffNetLite0Features(resize=224)
+    x = torch.from_numpy(skdata.chelsea()).permute(2, 0, 1)[None].float()
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        logits = m.net((x - 127.0) / 128.0)
+    assert int(logits.argmax()) in range(281, 286)  # the ImageNet domestic-cat classes
+
+
+def test_inception_needs_its_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Inception weights file"):
+        make_backbone("inception", inception_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="effnet-lite0"):
+        make_backbone("vgg")
+
+
+def test_score_models_json_names_backbone(tmp_path):
+    from maskdm import GaussianDiffusion, create_model
+
+    torch.manual_seed(0)
+    model = create_model("uvit-tiny", img_size=16, in_chans=1, embed_dim=32, depth=3, num_heads=2).eval()
+    res = score_models({"untrained": model}, GaussianDiffusion("cosine", 100), _shapes(8, 3, 16), num=8,
+                       steps=2, eta=0.0, batch_size=8, resize=64, grids={"untrained": tmp_path / "g.png"},
+                       log=lambda *a: None)
+    path = write_json(res, tmp_path / "r.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["backbone"].startswith("efficientnet-lite0") and loaded["backbone_id"] == "effnet-lite0"
+    r = loaded["models"]["untrained"]
+    assert r["fid"] > 0 and r["num_fake"] == 8 and r["num_real"] == 8
+    assert (tmp_path / "g.png").is_file()

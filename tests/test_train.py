@@ -1,0 +1,207 @@
+"""Training loop: exact resume, signal handling, atomic checkpoints, DDP over 2 gloo processes, init_from."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maskdm import checkpoint as C
+from maskdm.config import load_config
+from maskdm.train import train
+from tests.test_data import write_fake_fashion_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp_path, out: str, extra=(), data_root=None):
+    """A 2-stage (block-masked, then full) config of a ~40k-parameter model on 16x16 fake Fashion-MNIST."""
+    root = data_root or write_fake_fashion_mnist(tmp_path / "fm", n_train=48)
+    p = tmp_path / "tiny.yaml"
+    p.write_text(textwrap.dedent(f"""
+        model: {{name: uvit-tiny, patch_size: 2, embed_dim: 32, depth: 3, num_heads: 2}}
+        data: {{dataset: fashion_mnist, root: {root}, image_size: 16, hflip: 0.5}}
+        diffusion: {{schedule: cosine, timesteps: 100}}
+        stages:
+          - {{name: pretrain, steps: 5, batch_size: 8, lr: 1.0e-3, warmup_steps: 2, mask: block, mask_ratio: 0.75,
+             block_size: 2, ema_decay: 0.9}}
+          - {{name: finetune, steps: 4, batch_size: 8, lr: 5.0e-4, ema_decay: 0.9, init_weights: ema}}
+        train: {{out_dir: {tmp_path / out}, log_every: 1, ckpt_every: 3, keep_last: 2, sample_num: 4, sample_steps: 3,
+                threads: 1, progress: false}}
+        eval: {{enabled: false}}
+    """))
+    return load_config(p, list(extra)), p
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def weights(out: Path, which="model") -> dict:
+    return load_file(str(C.find_checkpoint(out) / f"{which}.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if atol == 0.0:
+            assert torch.equal(v, b[k]), k
+        else:
+            torch.testing.assert_close(v, b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg, _ = tiny_config(tmp, "ref")
+    summary = train(cfg, log=lambda *a: None)
+    return tmp, Path(cfg.train.out_dir), summary
+
+
+def test_uninterrupted_run_outputs(reference_run):
+    _, out, summary = reference_run
+    assert summary["step"] == 9 and not summary["interrupted"]
+    assert [s for s, _ in losses(out)] == list(range(1, 10))
+    assert [p.name for p in C.list_checkpoints(out / "checkpoints")] == ["ckpt-00000006", "ckpt-00000009"]  # keep 2
+    assert (out / "loss.png").is_file() and (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["finetune_end_step_00000009.png",
+                                                                       "pretrain_end_step_00000005.png"]
+    state = C.load_state(C.find_checkpoint(out))
+    assert state["step"] == 9 and state["stage"] == 1 and state["data"]["global_batch"] == 8
+
+
+def test_sigterm_saves_and_resume_is_exact(reference_run):
+    """Kill (SIGTERM) after 4 steps, mid pre-training; resume: the loss sequence and the final online and EMA
+    weights equal the uninterrupted run's bit for bit."""
+    tmp, ref_out, _ = reference_run
+    cfg, _ = tiny_config(tmp, "killed", data_root=tmp / "fm")
+
+    def kill_at_4(step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = train(cfg, log=lambda *a: None, on_step=kill_at_4)
+    out = Path(cfg.train.out_dir)
+    assert first["interrupted"] == signal.SIGTERM and first["step"] == 4
+    assert C.find_checkpoint(out).name == "ckpt-00000004"
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, log=lambda *a: None)
+    second = train(cfg, resume=True, log=lambda *a: None)
+    assert second["step"] == 9 and not second["interrupted"]
+    assert losses(out) == losses(ref_out)
+    assert_same_weights(weights(out), weights(ref_out))
+    assert_same_weights(weights(out, "ema"), weights(ref_out, "ema"))
+
+
+def test_resume_after_crash_from_periodic_checkpoint(reference_run, tmp_path):
+    """A crash (no signal) after step 7: only ckpt-6 survives (in the fine-tune stage, past the stage switch);
+    the resumed run rewrites the log past step 6 and ends where the uninterrupted one did."""
+    tmp, ref_out, _ = reference_run
+    cfg, _ = tiny_config(tmp, "crash", data_root=tmp / "fm")
+    out = Path(cfg.train.out_dir)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_7(step):
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, log=lambda *a: None, on_step=crash_at_7)
+    assert C.find_checkpoint(out).name == "ckpt-00000006"
+    train(cfg, resume=True, log=lambda *a: None)
+    assert losses(out) == losses(ref_out)
+    assert_same_weights(weights(out, "ema"), weights(ref_out, "ema"))
+
+
+_SAVER = r"""
+import sys, torch
+from maskdm.checkpoint import save_checkpoint
+d = sys.argv[1]
+big = {"w": torch.randn(3_000_000)}
+step = 0
+while True:
+    step += 1
+    big["w"].fill_(step)
+    save_checkpoint(d, step, big, big, {"step": step}, {"step": step}, keep_last=2)
+    print(step, flush=True)
+"""
+
+
+def test_kill_during_save_never_leaves_a_partial_checkpoint(tmp_path):
+    d = tmp_path / "ck"
+    interrupted_saves = 0
+    for i in range(3):
+        p = subprocess.Popen([sys.executable, "-c", _SAVER, str(d)], stdout=subprocess.PIPE, cwd=REPO)
+        p.stdout.readline()  # at least one complete save
+        time.sleep(0.05 + 0.07 * i)  # then kill -9 somewhere inside a later save
+        p.kill()
+        p.wait()
+        interrupted_saves += bool(list(d.glob(".tmp-*")))  # a save was cut short (its temporary is left)
+        found = C.list_checkpoints(d)
+        assert found
+        for ck in found:  # every visible checkpoint is whole and self-consistent
+            step = int(ck.name.split("-")[1])
+            w = load_file(str(ck / "model.safetensors"))["w"]
+            assert w.numel() == 3_000_000 and bool((w == step).all())
+            assert C.load_state(ck)["step"] == step
+            assert json.loads((ck / "meta.json").read_text())["step"] == step
+    assert interrupted_saves >= 1  # saving is ~all the loop's time: kills land inside a save
+    C.save_checkpoint(d, 10_000, {"w": torch.ones(2)}, {"w": torch.ones(2)}, {"step": 10_000}, {})
+    assert not list(d.glob(".tmp-*"))  # stale temporaries of killed saves are swept
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one_process(reference_run):
+    """torchrun, 2 CPU processes (gloo), global batch 8 = 2 x 4: the ranks end bit-identical, and match one
+    process on the whole batch (the reference run) up to float reduction order."""
+    tmp, ref_out, _ = reference_run
+    _, cfg_path = tiny_config(tmp, "unused", data_root=tmp / "fm")
+    out = tmp / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "maskdm", "train", "--config", str(cfg_path),
+           f"train.out_dir={out}"]
+    r = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    check = json.loads((out / "ddp_check.json").read_text())
+    assert check["world_size"] == 2 and check["ranks_identical"]
+    assert len(set(check["rank_param_sha256"])) == 1
+    ddp_losses, ref_losses = losses(out), losses(ref_out)
+    assert [s for s, _ in ddp_losses] == [s for s, _ in ref_losses]
+    for (_, a), (_, b) in zip(ddp_losses, ref_losses):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
+    assert_same_weights(weights(out), weights(ref_out), atol=1e-5)
+
+
+def test_init_from_ema_weights(reference_run, tmp_path):
+    tmp, ref_out, _ = reference_run
+    src = C.find_checkpoint(ref_out)
+    cfg, _ = tiny_config(tmp_path, "ft", data_root=tmp / "fm", extra=[
+        f"train.init_from={ref_out}", "train.init_weights=ema", "stages.pretrain.steps=0", "stages.finetune.steps=1",
+        "stages.finetune.lr=1e-9", "stages.finetune.weight_decay=0"])
+    train(cfg, log=lambda *a: None)
+    got, ema_src = weights(Path(cfg.train.out_dir)), load_file(str(src / "ema.safetensors"))
+    assert_same_weights(got, ema_src, atol=1e-6)  # one step at lr 1e-9 barely moves them
+    online_src = load_file(str(src / "model.safetensors"))
+    assert any(not torch.allclose(got[k], online_src[k], atol=1e-4) for k in got)
+
+
+def test_precision_and_batch_errors(tmp_path):
+    cfg, _ = tiny_config(tmp_path, "bad", extra=["stages.pretrain.batch_size=100"])
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        train(cfg, log=lambda *a: None)
