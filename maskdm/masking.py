@@ -24,7 +24,7 @@ from maskdm_kernels import Visible
 __all__ = ["block_patches", "crop_patches", "random_patches"]
 
 
-def random_patches(batch_size: int, grid_size, ratio, *, device=None, generator: torch.Generator | None = None
+def random_patches(batch_size: int, grid_size, ratio, device=None, generator: torch.Generator | None = None
                    ) -> Visible:
     """Mask ``int(ratio * N)`` random patches of each sample (``N = rows * cols``).
 
@@ -42,7 +42,7 @@ def random_patches(batch_size: int, grid_size, ratio, *, device=None, generator:
     return _pack(_keep_lowest(_rand((batch_size, N), device, generator), kept), kept)
 
 
-def block_patches(batch_size: int, grid_size, ratio, block_size: int = 4, *, device=None,
+def block_patches(batch_size: int, grid_size, ratio, block_size: int = 4, device=None,
                   generator: torch.Generator | None = None) -> Visible:
     """Mask ``int(ratio * N) // block_size**2`` random whole ``block_size x block_size`` blocks per sample.
 
@@ -68,7 +68,7 @@ def block_patches(batch_size: int, grid_size, ratio, block_size: int = 4, *, dev
     return _pack(keep_block[:, block_of], kept)
 
 
-def crop_patches(batch_size: int, grid_size, crop_size, *, device=None,
+def crop_patches(batch_size: int, grid_size, crop_size, device=None,
                  generator: torch.Generator | None = None) -> Visible:
     """Keep one random ``crop_size x crop_size`` window of patches per sample (``crop_size`` an int or
     ``(h, w)``, in patches, at most the grid), mask the rest. Uniform layout."""

@@ -66,6 +66,19 @@ def test_varlen_batch_equals_each_sample_alone(num_classes):
         assert_close(out[cu[b]:cu[b + 1]], alone, ATOL, RTOL, f"sample {b}")
 
 
+def test_sample_with_no_visible_patch():
+    model = small()
+    ids = torch.tensor([1, 5, 7], dtype=torch.int32)
+    vis = mk.Visible.from_packed(ids, torch.tensor([0, 2, 2, 3], dtype=torch.int32), 64, max_seqlen=2)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 2, 3])
+    out = model(x, t, vis)
+    assert out.shape == (3, 12)
+    assert_close(out[2:], model(x[2:], t[2:], per_sample(vis, 2)), ATOL, RTOL, "after an empty sample")
+    loss = GaussianDiffusion().loss(model, x, vis)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_uniform_layout_equals_varlen_declared():
     model = small()
     vis = masking.block_patches(4, 8, 0.5, block_size=2, generator=torch.Generator().manual_seed(3))
@@ -214,3 +227,19 @@ def test_compiled_masked_training_step_matches_eager():
     assert_close(loss_c, loss_e, 1e-5, 1e-5, "loss")
     for n, p in model.named_parameters():
         assert_close(grads_c[n], p.grad, 1e-5, 1e-4, n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sync debug mode needs a CUDA device")
+def test_masked_step_has_no_host_sync_on_cuda():
+    model = small().cuda().train()
+    diffusion = GaussianDiffusion()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    diffusion.loss(model, x).backward()  # warm-up: schedule tables move to the GPU once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for ratio in (0.75, (0.2, 0.9)):
+            vis = masking.block_patches(4, 8, ratio, block_size=2, device="cuda")
+            diffusion.loss(model, x, vis).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
