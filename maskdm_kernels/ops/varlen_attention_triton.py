@@ -22,6 +22,8 @@ fixed configuration runs (``INTERPRET_CONFIG``). Only APIs present since Triton 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -301,6 +303,11 @@ def _common(q: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float
     return T, H, B, bucket, meta, softmax_scale * LOG2E
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not on whichever is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _grid(max_seqlen: int, bh: int, block: str):
     return lambda META: (triton.cdiv(max_seqlen, META[block]), bh)
 
@@ -315,9 +322,10 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, ma
         return out, lse
     cu = cu_seqlens.contiguous()
     kernel, fixed = _pick(_fwd_kernel, _fwd_tuned)
-    kernel[_grid(max_seqlen, B * H, "BLOCK_M")](
-        q, k, v, out, lse, cu, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-        H, qk_scale, bucket, **meta, **fixed)
+    with _on(q.device):
+        kernel[_grid(max_seqlen, B * H, "BLOCK_M")](
+            q, k, v, out, lse, cu, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+            H, qk_scale, bucket, **meta, **fixed)
     return out, lse
 
 
@@ -332,15 +340,16 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     lse = lse.contiguous()
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     block_t = max(1, min(128, 4096 // meta["BLOCK_D"]))
-    _bwd_preprocess_kernel[(triton.cdiv(T, block_t), H)](
-        out, dout, delta, T, *out.stride(), *dout.stride(), delta.stride(0),
-        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t)
-    kernel, fixed = _pick(_bwd_dkdv_kernel, _dkdv_tuned)
-    kernel[_grid(max_seqlen, B * H, "BLOCK_N")](
-        q, k, v, dout, lse, delta, dk, dv, cu, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-        *dv.stride(), lse.stride(0), H, qk_scale, softmax_scale, bucket, **meta, **fixed)
-    kernel, fixed = _pick(_bwd_dq_kernel, _dq_tuned)
-    kernel[_grid(max_seqlen, B * H, "BLOCK_M")](
-        q, k, v, dout, lse, delta, dq, cu, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        lse.stride(0), H, qk_scale, softmax_scale, bucket, **meta, **fixed)
+    with _on(q.device):
+        _bwd_preprocess_kernel[(triton.cdiv(T, block_t), H)](
+            out, dout, delta, T, *out.stride(), *dout.stride(), delta.stride(0),
+            HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t)
+        kernel, fixed = _pick(_bwd_dkdv_kernel, _dkdv_tuned)
+        kernel[_grid(max_seqlen, B * H, "BLOCK_N")](
+            q, k, v, dout, lse, delta, dk, dv, cu, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dk.stride(), *dv.stride(), lse.stride(0), H, qk_scale, softmax_scale, bucket, **meta, **fixed)
+        kernel, fixed = _pick(_bwd_dq_kernel, _dq_tuned)
+        kernel[_grid(max_seqlen, B * H, "BLOCK_M")](
+            q, k, v, dout, lse, delta, dq, cu, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dq.stride(), lse.stride(0), H, qk_scale, softmax_scale, bucket, **meta, **fixed)
     return dq, dk, dv
