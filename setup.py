@@ -83,6 +83,25 @@ def default_arch_list(torch) -> str:
     return "8.0;9.0"
 
 
+def build_ext_class(cpp_extension):
+    """BuildExtension whose objects keep a ``.cu`` source's suffix: csrc/<op>.cpp and csrc/<op>.cu (STYLE.md's
+    pairing) would otherwise both compile to <op>.o."""
+
+    class BuildExt(cpp_extension.BuildExtension):
+        def build_extensions(self):
+            object_filenames = self.compiler.object_filenames
+
+            def distinct_object_filenames(sources, *args, **kwargs):
+                objects = object_filenames(sources, *args, **kwargs)
+                return [os.path.splitext(o)[0] + ".cu" + os.path.splitext(o)[1] if s.endswith(".cu") else o
+                        for s, o in zip(sources, objects)]
+
+            self.compiler.object_filenames = distinct_object_filenames
+            super().build_extensions()
+
+    return BuildExt
+
+
 def extensions():
     if os.environ.get("MASKDM_SKIP_BUILD", "0") == "1":
         say("skipping the C++/CUDA extension: MASKDM_SKIP_BUILD=1")
@@ -96,7 +115,7 @@ def extensions():
         write_build_info(built=False, reason=f"torch not importable: {e}", commit=git_commit())
         return [], {}
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     link_flags = ["-fopenmp"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
@@ -139,7 +158,7 @@ def extensions():
             library_dirs=libs,
             define_macros=[("MASKDM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                                          "--expt-relaxed-constexpr"]},
             extra_link_args=link_flags,
         )
@@ -155,7 +174,7 @@ def extensions():
     cxx_version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()
     facts["compiler"] = cxx_version[0] if cxx_version else cxx
     write_build_info(**facts)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [ext], {"build_ext": build_ext_class(cpp_extension).with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = extensions()

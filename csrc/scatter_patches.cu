@@ -1,0 +1,53 @@
+// scatter_patches_kernel, CUDA: packed tokens back to contiguous (B, C, H, W) images, masked patches = fill.
+//
+// The output is allocated filled (one write pass), then one thread per unit writes the visible values: a
+// unit is a vector of up to 16 bytes along w in the image (row mode for C == 1, col mode for C > 1), read
+// from the token with coalesced (row mode: vector) loads.
+// Bytes moved: writes B*C*H*W values (the fill), reads T*P token values and writes T*P image values.
+#include <torch/library.h>
+
+#include "cuda_utils.cuh"
+#include "patch_ops.h"
+
+namespace maskdm {
+namespace {
+
+template <int V, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) scatter_kernel(const ScatterArgs<scalar_t> a, int tok_per_block) {
+  __shared__ TokenCache cache;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tok_per_block;
+  const int ntok = block_tokens(a.num_tokens, t0, tok_per_block);
+  cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g);
+  __syncthreads();
+  const int units = a.g.units;
+  for (int i = threadIdx.x; i < ntok * units; i += blockDim.x) {
+    const int tl = i / units;
+    scatter_unit<V>(a, t0 + tl, cache.pos[tl], i - tl * units);
+  }
+}
+
+at::Tensor scatter_patches_cuda(const at::Tensor& tokens, const at::Tensor& ids, const at::Tensor& cu_seqlens,
+                                int64_t patch_size, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                                double fill) {
+  TORCH_CHECK(tokens.is_cuda(), "scatter_patches_kernel: tokens must be a CUDA tensor here, got ", tokens.device());
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  ScatterInputs in = prepare_scatter(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill);
+  if (tokens.numel() == 0) return in.out;
+  const int tpb = tokens_per_block(in.g);
+  const unsigned int blocks = num_blocks(ids.numel(), tpb);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(tokens.scalar_type(), "scatter_patches_kernel", "tokens", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    dispatch_vec<scalar_t>(in.g.V, [&](auto v) {
+      scatter_kernel<decltype(v)::value, scalar_t><<<blocks, kThreads, 0, stream>>>(scatter_args<scalar_t>(in), tpb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return in.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskdm, CUDA, m) { m.impl("scatter_patches_kernel", &scatter_patches_cuda); }
+
+}  // namespace maskdm
