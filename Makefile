@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CI compiles the CUDA kernels for one arch with no GPU present: proves they compile and link.
 BUILD_ENV ?= MASKDM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$${MAX_JOBS:-2}
-CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
 .PHONY: venv build test test-fast bench train info gpu-suite clean data
 
