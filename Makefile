@@ -41,6 +41,22 @@ bench: build
 info: build
 	$(PY) -m maskdm_kernels.info
 
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+TRAIN_CONFIG ?= configs/fashion_mnist_quick.yaml
+
+# Fashion-MNIST from Debian's package where apt is available; else say how to get it.
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing from $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist'," \
+	  "or put the four *-ubyte.gz files in a folder and pass data.root=FOLDER"; exit 1; fi
+
+# The main job. The extension is built for this machine (CPU kernels here; CUDA too where a GPU is visible).
+train: venv data
+	test -f .build-stamp || { MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q --no-build-isolation --no-deps -e . $(QUIET); }
+	$(PY) -m maskdm train --config $(TRAIN_CONFIG) --overwrite
+
 gpu-suite:
 	bash benchmarks/gpu_suite.sh
 
