@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.seed=1 stages.pretrain.steps=500 stages.1.lr=1e-5")
     t.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint of train.out_dir")
+    t.add_argument("--overwrite", action="store_true", help="delete train.out_dir first and start over")
     t.add_argument("--no-eval", action="store_true", help="skip the final sampling + FID even if eval.enabled")
 
     s = sub.add_parser("sample", help="sample a grid from a checkpoint")
@@ -82,37 +83,31 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"maskdm train: config error: {e}", file=sys.stderr)
         return 2
-    from .train import evaluate_after_training, train
+    from .train import train
 
     t0 = time.time()
-    summary = train(cfg, resume=args.resume)
-    rank = int(os.environ.get("RANK", "0"))
+    summary = train(cfg, resume=args.resume, evaluate=cfg.eval.enabled and not args.no_eval, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 128 + summary["interrupted"] if summary["interrupted"] else 0
     if summary["interrupted"]:
-        if rank == 0:
-            print(f"[train] interrupted; resume with: maskdm train --config {args.config} "
-                  f"{' '.join(args.overrides)} --resume".replace("  ", " "))
+        print(f"[train] interrupted; resume with: maskdm train --config {args.config} "
+              + "".join(f"{o} " for o in args.overrides) + "--resume")
         return 128 + summary["interrupted"]
-    if rank != 0:
-        return 0
-    t_train = time.time() - t0
-    print(f"[train] finished {summary['step']} steps in {t_train:.0f}s")
-    if cfg.eval.enabled and not args.no_eval:
-        t1 = time.time()
-        res = evaluate_after_training(cfg, summary)
-        summary.update(eval_json=res["eval_json"], final_grid=res["grid"])
-        print(f"[eval] done in {time.time() - t1:.0f}s")
-    summary["train_seconds"] = round(t_train, 1)
+    res = summary.pop("eval", None)
     summary["total_seconds"] = round(time.time() - t0, 1)
+    summary["train_seconds"] = round(summary["total_seconds"] - summary.get("eval_seconds", 0.0), 1)
     Path(cfg.train.out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[train] {summary['step']} steps in {summary['train_seconds']:.0f}s"
+          + (f", evaluation {summary['eval_seconds']:.0f}s" if "eval_seconds" in summary else ""))
     print("[done] outputs:")
     for k, label in (("final_grid", "sample grid"), ("eval_json", "FID/KID results"), ("loss_curve", "loss curve"),
                      ("metrics", "training metrics"), ("checkpoint", "checkpoint")):
         if summary.get(k):
             print(f"  {label:17}: {summary[k]}")
-    if summary.get("eval_json"):
-        res = json.loads(Path(summary["eval_json"]).read_text())
+    if res:
         for name, r in res["models"].items():
-            print(f"  FID ({res['backbone_id']}) {name:9}: {r['fid']:.2f}   KID {r['kid_mean']:.4f}")
+            print(f"  FID ({res['backbone_id']}) {name:9}: {r['fid']:.2f}   KID {r['kid_mean']:.4f} "
+                  f"({r['num_fake']} samples, {res['sampler']} {res['steps']} steps)")
     return 0
 
 
@@ -208,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info}
     try:
         return handlers[args.cmd](args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"maskdm {args.cmd}: {e}", file=sys.stderr)
         return 2
 

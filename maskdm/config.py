@@ -37,6 +37,7 @@ class ModelConfig:
     num_heads: int | None = None
     mlp_ratio: float | None = None
     qkv_bias: bool | None = None
+    mlp_time_embed: bool | None = None  # time embedding through Linear-SiLU-Linear (MaskDM's configs: false)
     # The image size and channel count come from `data` (image_size, and 1 for Fashion-MNIST).
 
 
@@ -58,6 +59,8 @@ class DataConfig:
 class DiffusionConfig:
     schedule: Literal["cosine", "linear"] = "cosine"
     timesteps: int = 1000
+    loss_weighting: Literal["none", "min_snr"] = "none"  # min_snr: per-sample weight min(SNR, gamma) / SNR
+    min_snr_gamma: float = 5.0
 
 
 @dataclass
@@ -78,6 +81,9 @@ class StageConfig:
     crop_size: int = 0  # for mask=crop, in patches
     # Where a stage after the first starts from: the previous stage's online weights or its EMA.
     init_weights: Literal["online", "ema"] = "online"
+    # Wall-clock cap: the stage ends early (checkpoint, grid, next stage) once it has run this long. Keeps a
+    # demo inside a time limit on a loaded machine; the run is then no longer a pure function of the config.
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -93,6 +99,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids; 0: only at the end of each stage
     sample_num: int = 64
     sample_steps: int = 50  # DDIM steps for the grids
+    sample_eta: float = 1.0  # DDIM eta for the grids (1.0: the paper's stochastic sampler)
     ckpt_every: int = 1000  # 0: only at stage ends, on signals and at the end
     keep_last: int = 3
     tensorboard: bool = False
@@ -365,6 +372,7 @@ def _validate(cfg: Config) -> None:
     if d.dataset == "folder":
         _check(bool(d.root), "data.root", d.root, "the image folder (required for dataset: folder)")
     _check(df.timesteps >= 2, "diffusion.timesteps", df.timesteps, "an integer >= 2")
+    _check(df.min_snr_gamma > 0, "diffusion.min_snr_gamma", df.min_snr_gamma, "a positive number")
 
     grid = d.image_size // p
     names = [s.name for s in cfg.stages]
@@ -379,6 +387,7 @@ def _validate(cfg: Config) -> None:
         _check(s.weight_decay >= 0, f"{k}.weight_decay", s.weight_decay, "a number >= 0")
         _check(s.grad_clip >= 0, f"{k}.grad_clip", s.grad_clip, "a number >= 0 (0 disables clipping)")
         _check(0.0 <= s.ema_decay < 1.0, f"{k}.ema_decay", s.ema_decay, "a number in [0, 1)")
+        _check(s.max_minutes is None or s.max_minutes > 0, f"{k}.max_minutes", s.max_minutes, "a positive number or null")
         ratios = s.mask_ratio if isinstance(s.mask_ratio, tuple) else (s.mask_ratio,)
         _check(all(0.0 <= r < 1.0 for r in ratios) and ratios[0] <= ratios[-1], f"{k}.mask_ratio", s.mask_ratio,
                "a masked fraction in [0, 1) or a [low, high] pair with low <= high")
@@ -396,6 +405,7 @@ def _validate(cfg: Config) -> None:
         _check(getattr(tr, k) >= 0, f"train.{k}", getattr(tr, k), "an integer >= 0 (0: at stage ends only)")
     _check(tr.sample_steps <= df.timesteps, "train.sample_steps", tr.sample_steps,
            f"at most diffusion.timesteps={df.timesteps}")
+    _check(tr.sample_eta >= 0, "train.sample_eta", tr.sample_eta, "a number >= 0")
     _check(tr.threads is None or tr.threads >= 1, "train.threads", tr.threads, "an integer >= 1 or null")
     _check(bool(tr.out_dir), "train.out_dir", tr.out_dir, "a directory path")
 

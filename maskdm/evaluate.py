@@ -77,7 +77,7 @@ class EffNetLite0Features(nn.Module):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=True, align_corners=False)
         x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
         f = self.net.extract_features(x)  # (B, 1280, h, w)
-        return f.mean(dim=(2, 3)).float().cpu()  # torchmetrics keeps its states on the CPU
+        return f.mean(dim=(2, 3)).float()  # (B, 1280), on the backbone's device like the metric states
 
 
 class _GrayToRGB(nn.Module):
@@ -157,7 +157,7 @@ class FeatureMetrics:
     """FID + KID (torchmetrics) over one backbone; real features are kept across ``reset_fake()`` so several
     models can be scored against the same real set."""
 
-    def __init__(self, feature: nn.Module, kid_subset_size: int = 1000, kid_subsets: int = 100):
+    def __init__(self, feature: nn.Module, kid_subset_size: int = 1000, kid_subsets: int = 100, device="cpu"):
         import warnings
 
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -167,30 +167,35 @@ class FeatureMetrics:
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             self.kid = KernelInceptionDistance(feature=feature, reset_real_features=False, subsets=kid_subsets,
                                                subset_size=kid_subset_size)
+        self.fid.to(device)
+        self.kid.to(device)
         self.kid_subset_size = kid_subset_size
-        self.n_real = 0
-        self.n_fake = 0
 
     def update(self, imgs: Tensor, real: bool) -> None:
         self.fid.update(imgs, real=real)
         self.kid.update(imgs, real=real)
-        if real:
-            self.n_real += imgs.shape[0]
-        else:
-            self.n_fake += imgs.shape[0]
 
     def compute(self) -> dict:
-        # FID in float64 on the accumulated moments; KID on subsets no larger than either set.
-        self.kid.subset_size = max(2, min(self.kid_subset_size, self.n_real, self.n_fake))
-        fid = float(self.fid.compute())
+        """FID (float64 moments) and KID on subsets no larger than either set; synced over ranks if distributed."""
+        fid = float(self.fid.compute())  # torchmetrics syncs the states when torch.distributed is initialised
+        n_real = int(self.fid.real_features_num_samples)
+        n_fake = int(self.fid.fake_features_num_samples)
+        rank, world = _world()
+        if world > 1:  # the states are local again after compute(): count over every rank
+            import torch.distributed as dist
+
+            counts = torch.tensor([n_real, n_fake], device=self.fid.real_features_sum.device)
+            dist.all_reduce(counts)
+            n_real, n_fake = (int(c) for c in counts)
+        # subsets of at most half the smaller set, so that they differ and kid_std means something
+        self.kid.subset_size = max(2, min(self.kid_subset_size, n_real // 2, n_fake // 2))
         kid_mean, kid_std = self.kid.compute()
-        return {"fid": fid, "kid_mean": float(kid_mean), "kid_std": float(kid_std), "num_real": self.n_real,
-                "num_fake": self.n_fake}
+        return {"fid": fid, "kid_mean": float(kid_mean), "kid_std": float(kid_std), "num_real": n_real,
+                "num_fake": n_fake}
 
     def reset_fake(self) -> None:
-        self.fid.reset()
+        self.fid.reset()  # reset_real_features=False: the real statistics stay
         self.kid.reset()
-        self.n_fake = 0
 
 
 def real_images(dataset, num: int, seed: int = 0) -> Tensor:
@@ -201,6 +206,14 @@ def real_images(dataset, num: int, seed: int = 0) -> Tensor:
     return torch.stack([torch.as_tensor(dataset[i]) for i in idx])
 
 
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def score_models(models: dict, diffusion, real: Tensor, *, num: int, sampler: str = "ddim", steps: int = 250,
                  eta: float = 1.0, batch_size: int = 250, seed: int = 0, backbone: str = "effnet-lite0",
                  resize: int = 224, inception_weights: str | None = None, device="cpu", autocast: bool = False,
@@ -208,40 +221,49 @@ def score_models(models: dict, diffusion, real: Tensor, *, num: int, sampler: st
     """Sample ``num`` images from each model (``{"name": model}``) and score them against ``real`` (uint8).
 
     Returns ``{"backbone": ..., "models": {name: {fid, kid_mean, kid_std, ...}}, ...}``. ``grids``
-    (``{name: path}``) saves the first ``grid_size`` samples of a model as a PNG.
+    (``{name: path}``) saves the first ``grid_size`` samples of a model as a PNG (``grid_size <= batch_size``).
+
+    Under ``torch.distributed`` (e.g. at the end of a torchrun training), every rank samples the batches
+    ``i`` with ``i % world == rank`` and featurises its share of the real images; torchmetrics reduces the
+    metric states over the ranks. Batch ``i`` is seeded by ``(seed, i)``, so the samples, and the scores up to
+    float summation order, do not depend on the number of processes.
     """
     from tqdm import tqdm
 
     from .sample import generate, save_grid, to_uint8
 
+    rank, world = _world()
     t0 = time.time()
     feat = make_backbone(backbone, resize, inception_weights, device)
-    metrics = FeatureMetrics(feat, kid_subset_size=min(1000, num, real.shape[0]))
-    for i in range(0, real.shape[0], batch_size):
-        metrics.update(real[i:i + batch_size], real=True)
+    n_real = int(real.shape[0])
+    metrics = FeatureMetrics(feat, kid_subset_size=min(1000, num, n_real), device=device)
+    mine = real[rank::world]
+    for i in range(0, mine.shape[0], batch_size):
+        metrics.update(mine[i:i + batch_size], real=True)
     t_real = time.time() - t0
     results = {"backbone": backbone_name(backbone, resize), "backbone_id": backbone, "sampler": sampler,
                "steps": steps if sampler == "ddim" else diffusion.num_timesteps, "eta": eta if sampler == "ddim" else None,
-               "num_generated": num, "num_real": int(real.shape[0]), "seed": seed, "models": {}}
+               "num_generated": num, "num_real": n_real, "seed": seed, "world_size": world, "models": {}}
+    batches = [(i, min(batch_size, num - s)) for i, s in enumerate(range(0, num, batch_size))][rank::world]
     for name, model in models.items():
         metrics.reset_fake()
-        total = num * (steps if sampler == "ddim" else diffusion.num_timesteps)
+        total = sum(b for _, b in batches) * (steps if sampler == "ddim" else diffusion.num_timesteps)
         t1 = time.time()
-        with tqdm(total=total, desc=f"sampling {name}", unit="img-step", leave=False, mininterval=1.0) as bar:
-            x = generate(model, diffusion, num, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
-                         seed=seed, device=device, autocast=autocast, progress=bar.update)
+        with tqdm(total=total, desc=f"sampling {name}", unit="img-step", leave=False, mininterval=1.0,
+                  disable=rank != 0) as bar:
+            for i, b in batches:
+                x = generate(model, diffusion, b, sampler=sampler, steps=steps, eta=eta, batch_size=b, seed=seed,
+                             first_batch=i, device=device, autocast=autocast, progress=bar.update)
+                imgs = to_uint8(x)
+                if i == 0 and grids and name in grids:
+                    save_grid(imgs[:grid_size], grids[name])
+                metrics.update(imgs, real=False)
         t_sample = time.time() - t1
-        imgs = to_uint8(x)
-        if grids and name in grids:
-            save_grid(imgs[:grid_size], grids[name])
-        t2 = time.time()
-        for i in range(0, num, batch_size):
-            metrics.update(imgs[i:i + batch_size], real=False)
         r = metrics.compute()
-        r.update(sample_seconds=round(t_sample, 1), feature_seconds=round(time.time() - t2, 1))
+        r.update(sample_seconds=round(t_sample, 1))
         results["models"][name] = r
         log(f"[eval] {name}: FID-{backbone} {r['fid']:.2f}  KID {r['kid_mean']:.4f} +- {r['kid_std']:.4f}  "
-            f"({num} samples, {t_sample:.0f}s sampling)")
+            f"({r['num_fake']} samples vs {r['num_real']} real, {t_sample:.0f}s sampling + features)")
     results["real_feature_seconds"] = round(t_real, 1)
     results["seconds"] = round(time.time() - t0, 1)
     return results

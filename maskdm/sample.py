@@ -15,13 +15,14 @@ from .config import Config, config_from_dict
 from .diffusion import GaussianDiffusion
 from .model import MaskedViT, create_model
 
-__all__ = ["build_model", "generate", "load_for_sampling", "save_grid", "to_uint8"]
+__all__ = ["build_model", "generate", "load_for_sampling", "make_diffusion", "save_grid", "to_uint8"]
 
 
 def build_model(cfg: Config, in_chans: int) -> MaskedViT:
     """The config's model (preset + overrides) for ``data.image_size`` and ``in_chans`` channels."""
     m = cfg.model
-    overrides = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
+    overrides = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                                       "mlp_time_embed")
                  if getattr(m, k) is not None}
     return create_model(m.name, img_size=cfg.data.image_size, in_chans=in_chans, **overrides)
 
@@ -37,15 +38,21 @@ def load_for_sampling(ckpt: str | Path, which: str = "ema", device="cpu") -> tup
     model = build_model(cfg, data_channels(cfg))
     model.load_state_dict(load_weights(path, which))
     model.to(device).eval()
-    return model, GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.timesteps), cfg
+    return model, make_diffusion(cfg), cfg
+
+
+def make_diffusion(cfg: Config) -> GaussianDiffusion:
+    d = cfg.diffusion
+    return GaussianDiffusion(d.schedule, d.timesteps, loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma)
 
 
 @torch.no_grad()
 def generate(model: MaskedViT, diffusion: GaussianDiffusion, num: int, *, sampler: str = "ddim", steps: int = 50,
-             eta: float = 0.0, batch_size: int = 256, seed: int = 0, device=None, autocast: bool = False,
-             progress=None) -> Tensor:
-    """``num`` samples, float32 ``(num, C, H, W)`` in [-1, 1] on the CPU. Batch ``i`` draws from a generator
-    seeded ``(seed, i)``, so the images do not depend on anything but the seed and the batch size.
+             eta: float = 0.0, batch_size: int = 256, seed: int = 0, first_batch: int = 0, device=None,
+             autocast: bool = False, progress=None) -> Tensor:
+    """``num`` samples, float32 ``(num, C, H, W)`` in [-1, 1] on the CPU. Batch ``i`` (counting from
+    ``first_batch``) draws from a generator seeded ``(seed, i)``, so the images depend only on the seed and
+    the batch size, not on how the batches are spread over processes.
     ``progress(n)`` is called with the number of finished denoising steps x images."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -55,7 +62,7 @@ def generate(model: MaskedViT, diffusion: GaussianDiffusion, num: int, *, sample
     shape = (model.in_chans, *model.img_size)
     out = []
     try:
-        for i, start in enumerate(range(0, num, batch_size)):
+        for i, start in enumerate(range(0, num, batch_size), start=first_batch):
             b = min(batch_size, num - start)
             g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
             cb = (lambda k, total, b=b: progress(b)) if progress is not None else None

@@ -36,8 +36,7 @@ from . import checkpoint as ckpt_io
 from . import masking
 from .config import Config, StageConfig
 from .data import BatchPlan, build_dataset, infinite_batches, to_model_range
-from .diffusion import GaussianDiffusion
-from .sample import build_model, generate, save_grid
+from .sample import build_model, generate, make_diffusion, save_grid
 
 __all__ = ["step_generator", "train"]
 
@@ -308,16 +307,34 @@ def check_tensorboard(enabled: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train(cfg: Config, resume: bool = False, log=print, on_step=None) -> dict:
+def train(cfg: Config, resume: bool = False, log=print, on_step=None, evaluate: bool = False,
+          overwrite: bool = False) -> dict:
     """Run every stage of ``cfg``; returns a summary (paths, steps, whether it was interrupted).
 
     ``on_step(step)``, if given, is called on every rank after each optimizer step (``step`` counts from 1).
+    ``evaluate``: afterwards sample and score (``cfg.eval``) on every rank, see ``evaluate_after_training``.
+    ``overwrite``: delete ``train.out_dir`` first (a fresh run where an old one was).
     """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
     check_tensorboard(cfg.train.tensorboard)
     d = _setup(cfg.train.device)
+    log = log if d.main else (lambda *a, **k: None)
     try:
+        if overwrite:
+            if d.main and Path(cfg.train.out_dir).exists():
+                import shutil
+
+                shutil.rmtree(cfg.train.out_dir)
+            if d.world > 1:
+                dist.barrier(group=d.ctrl)
         with _StopFlag() as stop:
-            return _train(cfg, resume, d, stop, log if d.main else (lambda *a, **k: None), on_step)
+            summary = _train(cfg, resume, d, stop, log, on_step)
+        if evaluate and not summary["interrupted"]:
+            t0 = time.time()
+            summary.update(evaluate_after_training(cfg, summary, d, log))
+            summary["eval_seconds"] = round(time.time() - t0, 1)
+        return summary
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -338,7 +355,7 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
     channels = dataset.channels
     torch.manual_seed(tr.seed)
     model = build_model(cfg, channels).to(d.device)
-    diffusion = GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    diffusion = make_diffusion(cfg)
     shape = (channels, cfg.data.image_size, cfg.data.image_size)
     grid = model.grid_size
 
@@ -350,6 +367,10 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
         state = ckpt_io.load_state(resumed_from)
         step, opt_state, opt_stage = int(state["step"]), state["optimizer"], int(state["stage"])
         _restore_rng(state.get("rng", {}), d)
+        changed = _diff(ckpt_io.load_config_dict(resumed_from), cfg.to_dict())
+        if changed:
+            log(f"[train] warning: resuming with a config that differs from the checkpoint's in {', '.join(changed)}; "
+                f"the run is no longer the uninterrupted one")
     elif existing and not resume:
         raise FileExistsError(f"{ckdir} already holds checkpoints (newest {existing[-1].name}); pass --resume to "
                               f"continue that run, or set train.out_dir to a new folder")
@@ -381,6 +402,8 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
         f"{shape}, device {d.device} x {d.world} process(es), {'bf16 autocast' if bf16 else 'fp32'}")
 
     interrupted = 0
+    optimizer_steps = 0
+    truncated: dict[str, int] = {}
     last_ckpt: Path | None = None
     grids: list[Path] = []
     boundaries: list[tuple[int, str]] = []
@@ -403,7 +426,7 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
     def sample_grid(tag: str) -> None:
         if not d.main:
             return
-        x = generate(ema.model, diffusion, tr.sample_num, sampler="ddim", steps=tr.sample_steps, eta=0.0,
+        x = generate(ema.model, diffusion, tr.sample_num, sampler="ddim", steps=tr.sample_steps, eta=tr.sample_eta,
                      batch_size=min(tr.sample_num, 256), seed=tr.seed, device=d.device, autocast=bf16)
         grids.append(save_grid(x, out / "samples" / f"{tag}.png"))
 
@@ -436,6 +459,7 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
 
             bar = tqdm(total=stage.steps, initial=local, desc=stage.name, unit="step", mininterval=1.0,
                        dynamic_ncols=True)
+        t_stage = time.monotonic()
         win_loss = torch.zeros((), device=d.device)
         win_n, win_t = 0, time.perf_counter()
         autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -457,9 +481,16 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
             optimizer.step()
             ema.update(model, _ema_decay(stage, local))
             step += 1
+            optimizer_steps += 1
             win_loss += loss.detach().float()
             win_n += 1
-            if step % tr.log_every == 0 or local + 1 == stage.steps:
+            if on_step is not None:
+                on_step(step)
+            done = local + 1 == stage.steps
+            over_time = stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
+            signalled, timed_out = _agree_stop(stop, d, over_time)  # the same on every rank
+            timed_out = timed_out and not done
+            if step % tr.log_every == 0 or done or signalled or timed_out:
                 if d.world > 1:
                     dist.all_reduce(win_loss)
                     win_loss /= d.world
@@ -476,17 +507,20 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
                 win_n, win_t = 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if on_step is not None:
-                on_step(step)
-            done = local + 1 == stage.steps
+            if signalled:
+                save(si, local + 1, optimizer)
+                interrupted = stop.signum or signal.SIGTERM
+                break
+            if timed_out:
+                log(f"[train] stage '{stage.name}' reached max_minutes={stage.max_minutes:g} after {local + 1} of "
+                    f"{stage.steps} steps; moving on")
+                truncated[stage.name] = local + 1
+                step = end  # the next stage starts where it would have
+                break
             if not done and tr.sample_every and step % tr.sample_every == 0:
                 sample_grid(f"step_{step:08d}")
             if not done and tr.ckpt_every and step % tr.ckpt_every == 0:
                 save(si, local + 1, optimizer)
-            if _agree_stop(stop, d):
-                save(si, local + 1, optimizer)
-                interrupted = stop.signum or signal.SIGTERM
-                break
         batches.close()
         if bar is not None:
             bar.close()
@@ -498,7 +532,8 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
         log(f"[train] stage '{stage.name}' done at step {step}: checkpoint {last_ckpt}, grid {grids[-1] if grids else '-'}")
 
     summary = {"out_dir": str(out), "step": step, "interrupted": int(interrupted), "checkpoint": str(last_ckpt),
-               "metrics": str(logger.path), "grids": [str(g) for g in grids], "world_size": d.world}
+               "metrics": str(logger.path), "grids": [str(g) for g in grids], "world_size": d.world,
+               "optimizer_steps_this_run": optimizer_steps, "stages_cut_by_time": truncated}
     logger.close()
     if d.world > 1:
         digests = [None] * d.world
@@ -518,15 +553,26 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
     return summary
 
 
-def _agree_stop(stop: _StopFlag, d: Dist) -> bool:
-    """All ranks stop at the same step: the flag is max-reduced over a host (gloo) group, no GPU sync."""
+def _diff(a, b, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in dict.fromkeys([*a, *b]) for k in _diff(a.get(key), b.get(key), f"{path}.{key}".lstrip("."))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [k for i, (x, y) in enumerate(zip(a, b)) for k in _diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+def _agree_stop(stop: _StopFlag, d: Dist, over_time: bool) -> tuple[bool, bool]:
+    """(signalled, over time), agreed by all ranks so they stop at the same step: the flags are max-reduced over
+    a host (gloo) group, no GPU sync."""
     if d.world == 1:
-        return bool(stop.signum)
-    flag = torch.tensor([stop.signum], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.ctrl)
-    if flag.item() and not stop.signum:
-        stop.signum = int(flag.item())
-    return bool(flag.item())
+        return bool(stop.signum), over_time
+    flags = torch.tensor([stop.signum, int(over_time)], dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=d.ctrl)
+    signum, timed_out = (int(f) for f in flags)
+    if signum and not stop.signum:
+        stop.signum = signum
+    return bool(signum), bool(timed_out)
 
 
 def _rng_state(d: Dist) -> dict:
@@ -546,30 +592,34 @@ def _restore_rng(st: dict, d: Dist) -> None:
         torch.cuda.set_rng_state(st["cuda"], d.device)
 
 
-def evaluate_after_training(cfg: Config, summary: dict, log=print) -> dict:
-    """Sample and score the final EMA (or online) weights and, for reference, the untrained model."""
+def evaluate_after_training(cfg: Config, summary: dict, d: Dist | None = None, log=print) -> dict:
+    """Sample and score the final EMA (or online) weights and, for reference, the untrained model (the run's
+    initial weights, rebuilt from the seed), against ``eval.num`` training images. With several processes
+    the sampling is spread over the ranks. Writes ``<out_dir>/eval.json`` and ``samples/final.png``."""
     from .evaluate import real_images, score_models, write_json
 
+    d = d or Dist()
     ev = cfg.eval
     out = Path(cfg.train.out_dir)
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dataset = build_dataset(cfg.data)
     ck = ckpt_io.find_checkpoint(out)
     model = build_model(cfg, dataset.channels)
     model.load_state_dict(ckpt_io.load_weights(ck, ev.weights))
-    models = {"trained": model.to(device).eval()}
+    models = {"trained": model.to(d.device).eval()}
     if ev.baseline_untrained:
         torch.manual_seed(cfg.train.seed)  # the very initial weights of the run
-        models["untrained"] = build_model(cfg, dataset.channels).to(device).eval()
+        models["untrained"] = build_model(cfg, dataset.channels).to(d.device).eval()
     real = real_images(dataset, ev.num, seed=ev.seed)
     grid_path = out / "samples" / "final.png"
-    res = score_models(models, GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.timesteps), real,
-                       num=ev.num, sampler=ev.sampler, steps=ev.steps, eta=ev.eta, batch_size=ev.batch_size,
-                       seed=ev.seed, backbone=ev.backbone, resize=ev.resize, inception_weights=ev.inception_weights,
-                       device=device, autocast=device.type == "cuda", grids={"trained": grid_path},
-                       grid_size=ev.grid, log=log)
+    res = score_models(models, make_diffusion(cfg), real, num=ev.num, sampler=ev.sampler, steps=ev.steps, eta=ev.eta,
+                       batch_size=ev.batch_size, seed=ev.seed, backbone=ev.backbone, resize=ev.resize,
+                       inception_weights=ev.inception_weights, device=d.device, autocast=d.device.type == "cuda",
+                       grids={"trained": grid_path} if d.main else None, grid_size=min(ev.grid, ev.batch_size),
+                       log=log)
     res.update(checkpoint=str(ck), weights=ev.weights, data=dataset.name, step=summary.get("step"))
-    path = write_json(res, out / "eval.json")
-    return {"eval_json": str(path), "grid": str(grid_path), **res}
+    path = out / "eval.json"
+    if d.main:
+        write_json(res, path)
+    return {"eval_json": str(path), "final_grid": str(grid_path), "eval": res}

@@ -32,6 +32,7 @@ def test_paper_settings():
 def test_quick_config_is_masked_then_full():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "fashion_mnist_quick.yaml")
     assert cfg.model.name == "uvit-tiny" and cfg.data.image_size == 32 and cfg.data.dataset == "fashion_mnist"
+    assert cfg.stages[0].mask == "block" and cfg.eval.baseline_untrained
     assert [s.mask != "none" for s in cfg.stages] == [True, False]
     assert cfg.eval.enabled
 

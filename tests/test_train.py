@@ -160,6 +160,9 @@ def test_kill_during_save_never_leaves_a_partial_checkpoint(tmp_path):
     assert not list(d.glob(".tmp-*"))  # stale temporaries of killed saves are swept
 
 
+_EVAL = ["eval.enabled=true", "eval.num=8", "eval.batch_size=4", "eval.steps=2", "eval.resize=64", "eval.grid=4"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,14 +171,15 @@ def _free_port() -> int:
 
 def test_ddp_two_gloo_processes_match_one_process(reference_run):
     """torchrun, 2 CPU processes (gloo), global batch 8 = 2 x 4: the ranks end bit-identical, and match one
-    process on the whole batch (the reference run) up to float reduction order."""
+    process on the whole batch (the reference run) up to float reduction order. The final evaluation is spread
+    over the 2 ranks and scores the untrained model exactly as one process does."""
     tmp, ref_out, _ = reference_run
     _, cfg_path = tiny_config(tmp, "unused", data_root=tmp / "fm")
     out = tmp / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "maskdm", "train", "--config", str(cfg_path),
-           f"train.out_dir={out}"]
+           f"train.out_dir={out}", *_EVAL]
     r = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())
@@ -186,6 +190,19 @@ def test_ddp_two_gloo_processes_match_one_process(reference_run):
     for (_, a), (_, b) in zip(ddp_losses, ref_losses):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
     assert_same_weights(weights(out), weights(ref_out), atol=1e-5)
+
+    from maskdm.config import load_config as load
+    from maskdm.train import evaluate_after_training
+
+    ddp_eval = json.loads((out / "eval.json").read_text())
+    assert ddp_eval["world_size"] == 2 and ddp_eval["models"]["untrained"]["num_fake"] == 8
+    cfg = load(cfg_path, [f"train.out_dir={out}", *_EVAL])
+    single = evaluate_after_training(cfg, {}, log=lambda *a: None)["eval"]
+    assert single["world_size"] == 1
+    for name in ("untrained", "trained"):
+        a, b = ddp_eval["models"][name], single["models"][name]
+        assert a["num_real"] == b["num_real"] == 8
+        assert abs(a["fid"] - b["fid"]) <= 1e-3 * abs(b["fid"]), (name, a, b)
 
 
 def test_init_from_ema_weights(reference_run, tmp_path):
@@ -199,6 +216,16 @@ def test_init_from_ema_weights(reference_run, tmp_path):
     assert_same_weights(got, ema_src, atol=1e-6)  # one step at lr 1e-9 barely moves them
     online_src = load_file(str(src / "model.safetensors"))
     assert any(not torch.allclose(got[k], online_src[k], atol=1e-4) for k in got)
+
+
+def test_max_minutes_cuts_a_stage(tmp_path):
+    cfg, _ = tiny_config(tmp_path, "cut", extra=["stages.pretrain.max_minutes=1e-6", "train.ckpt_every=0"])
+    summary = train(cfg, log=lambda *a: None)
+    assert summary["stages_cut_by_time"] == {"pretrain": 1}
+    steps = [s for s, _ in losses(Path(cfg.train.out_dir))]
+    assert steps == [1, 6, 7, 8, 9]  # the fine-tune stage still starts at its planned step 5
+    assert [p.name for p in C.list_checkpoints(Path(cfg.train.out_dir) / "checkpoints")] == \
+        ["ckpt-00000005", "ckpt-00000009"]
 
 
 def test_precision_and_batch_errors(tmp_path):
