@@ -180,7 +180,7 @@ class FeatureMetrics:
         fid = float(self.fid.compute())  # torchmetrics syncs the states when torch.distributed is initialised
         n_real = int(self.fid.real_features_num_samples)
         n_fake = int(self.fid.fake_features_num_samples)
-        rank, world = _world()
+        _, world = _world()
         if world > 1:  # the states are local again after compute(): count over every rank
             import torch.distributed as dist
 
