@@ -17,12 +17,14 @@ dQ programs own a query block and loop over its key blocks; every output row is 
 and no atomics are used, so two runs give bit-identical gradients.
 
 On a GPU the block sizes are autotuned per (head dim, dtype, max_seqlen bucket); under ``TRITON_INTERPRET=1`` a
-fixed configuration runs (``INTERPRET_CONFIG``). Only APIs present since Triton 3.0 are used.
+fixed configuration runs (``INTERPRET_CONFIG``), and on a GPU with ``MASKDM_TRITON_AUTOTUNE=0`` another
+(``GPU_FIXED_CONFIG``). Only APIs present since Triton 3.0 are used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -287,10 +289,17 @@ _dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_bwd_dq_kernel)
 
 
+# MASKDM_TRITON_AUTOTUNE=0 runs one small configuration on a GPU instead of tuning: every (head dim, dtype, bucket)
+# would otherwise compile 8 candidates per kernel, which dominates the GPU test suite's time. Fits fp32 at Dh 128.
+GPU_FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
 def _pick(kernel, tuned):
     """(kernel, fixed meta-parameters): the fixed interpreter configuration, or the autotuner on a GPU."""
     if triton_interpret():
         return kernel, dict(INTERPRET_CONFIG)
+    if os.environ.get("MASKDM_TRITON_AUTOTUNE", "1") == "0":
+        return kernel, dict(GPU_FIXED_CONFIG)
     return tuned, {}
 
 
