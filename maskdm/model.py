@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskdm_kernels import Visible, gather_patches, varlen_attention
+from maskdm_kernels import Visible, attention, gather_patches, varlen_attention
 
 __all__ = ["PRESETS", "MaskedViT", "create_model", "timestep_embedding"]
 
@@ -61,7 +61,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over packed sequences: fused qkv, then ``varlen_attention``."""
+    """Multi-head self-attention over packed sequences: fused qkv, then ``attention`` on the ``(B, L, H, Dh)`` view
+    when every sequence has the same length, else ``varlen_attention``."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
         super().__init__()
@@ -74,8 +75,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         T, D = x.shape
-        q, k, v = self.qkv(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (T, H, Dh), strided
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # (T, H, Dh)
+        B = cu_seqlens.shape[0] - 1
+        qkv = self.qkv(x)
+        if T == B * max_seqlen:  # every sequence is max_seqlen long (shapes only, no sync): the uniform op
+            q, k, v = qkv.view(B, max_seqlen, 3, self.num_heads, self.head_dim).unbind(2)  # 3 x (B, L, H, Dh)
+            out = attention(q, k, v)
+        else:
+            q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (T, H, Dh), strided
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # (T, H, Dh)
         return self.proj(out.reshape(T, D))
 
 

@@ -52,7 +52,8 @@ def test_forced_backend_raises_with_reasons_instead_of_falling_back(monkeypatch)
 def test_auto_on_cpu_prefers_the_compiled_kernel():
     name, _ = dispatch.select("gather_patches", torch.device("cpu"), torch.float32)
     assert name == ("cpu" if _cpp_lib.loaded() else "torch")
-    assert dispatch.candidates("gather_patches", torch.device("cuda"))[0] == "triton"
+    # Measured on an H100 (benchmarks/results): the CUDA kernels lead on GPU, Triton next.
+    assert dispatch.candidates("gather_patches", torch.device("cuda"))[:2] == ("cuda", "triton")
 
 
 def test_extension_built_by_make_test_loads():

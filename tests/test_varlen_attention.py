@@ -1,8 +1,9 @@
 """varlen_attention / attention: Triton (under TRITON_INTERPRET=1 on CPU) and torch backends against float64.
 
 Accuracy rule (DESIGN.md): the max abs error of each output and gradient is at most 2x the error of PyTorch's own
-attention (SDPA per sequence, same dtype, same inputs) against the float64 reference, plus a small absolute floor for
-the case where PyTorch happens to be near-exact. Both backends are held to it (on CPU the torch backend runs the
+attention (same dtype, same inputs; the worse of SDPA per sequence and the explicit scores-softmax-product form that
+flash-attention's tests use) against the float64 reference, plus a small absolute floor for the case where PyTorch
+happens to be near-exact. Both backends are held to it (on CPU the torch backend runs the
 same fused kernel as SDPA, per sequence, so it matches PyTorch's error exactly). Long sequences run with few heads and one head dim; the head-dim sweep
 runs on short sequences: the interpreter is slow.
 """
@@ -23,8 +24,9 @@ from .utils import DEVICES
 NEEDS_TRITON = pytest.mark.skipif(dispatch._triton_error() is not None, reason="triton is not importable")
 TRITON = pytest.param("triton", marks=NEEDS_TRITON)
 BACKENDS = [TRITON, "torch"]
-# Floor of the 2x rule (outputs and gradients here are O(1)): ~4 ulps of fp32, ~1/10 ulp of fp16 and of bf16.
-FLOOR = {torch.float32: 5e-7, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# Floor of the 2x rule, relative to the largest reference value (gradients sum over a sequence, so they reach
+# several units): ~8 ulps of fp32, ~1/10 ulp of fp16 and of bf16.
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 LONG = (417, 1, 129, 2, 17, 64)  # every tail: 1, 2, a block + 1, an exact block, 417 = 6 * 64 + 33
 
 
@@ -56,6 +58,20 @@ def _sdpa_per_sequence(qkv, cu, dout):
     return out, grad
 
 
+def _explicit_per_sequence(qkv, cu, dout):
+    """PyTorch attention written out in qkv's dtype (scores, softmax, product: flash-attention's own test
+    baseline): (out, dqkv)."""
+    q, k, v = qkv.unbind(1)
+    outs = []
+    for s, e in itertools.pairwise(cu.tolist()):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+        p = torch.softmax((qs @ ks.transpose(-1, -2)) * qs.shape[-1] ** -0.5, dim=-1).to(vs.dtype)
+        outs.append((p @ vs).transpose(0, 1))
+    out = torch.cat(outs)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    return out, grad
+
+
 def _reference(qkv, cu, max_seqlen, dout):
     leaf = qkv.detach().double().requires_grad_(True)
     out = varlen_attention_ref(*leaf.unbind(1), cu, max_seqlen)
@@ -76,12 +92,17 @@ def _compare(backend, lengths, heads, head_dim, dtype, device="cpu"):
     out, grad = _run(backend, qkv, cu, L, dout)
     assert out.shape == (qkv.shape[0], heads, head_dim) and out.dtype == dtype and grad.dtype == dtype
     ref_out, ref_grad = _reference(qkv, cu, L, dout)
-    pt_out, pt_grad = _sdpa_per_sequence(qkv, cu, dout)
-    pairs = [("out", out, ref_out, pt_out)] + [
-        (f"d{n}", grad[:, i], ref_grad[:, i], pt_grad[:, i]) for i, n in enumerate("qkv")]
-    for name, got, ref, pt in pairs:
-        pt_err = (pt.double() - ref).abs().max().item()
-        _check(f"{backend} {dtype} {name}", got, ref, 2 * pt_err + FLOOR[dtype])
+    # PyTorch's error: the worse of its fused SDPA and its explicit attention, per output. The fused kernels on a
+    # GPU (flash / cuDNN) are more exact than the explicit form by up to ~2x in fp16 gradients, so a bound on
+    # SDPA alone would fail PyTorch's own explicit attention.
+    baselines = [_sdpa_per_sequence(qkv, cu, dout), _explicit_per_sequence(qkv, cu, dout)]
+    names = ["out", "dq", "dk", "dv"]
+    gots = [out] + [grad[:, i] for i in range(3)]
+    refs = [ref_out] + [ref_grad[:, i] for i in range(3)]
+    for j, (name, got, ref) in enumerate(zip(names, gots, refs)):
+        pt_err = max((b[0] if j == 0 else b[1][:, j - 1]).double().sub(ref).abs().max().item() for b in baselines)
+        floor = FLOOR[dtype] * max(1.0, ref.abs().max().item())  # a few ulps at the output's scale
+        _check(f"{backend} {dtype} {name}", got, ref, 2 * pt_err + floor)
 
 
 def _dtypes(device):
@@ -230,6 +251,7 @@ def test_auto_and_reasons():
     cpu = torch.device("cpu")
     assert dispatch.select("varlen_attention", cpu, torch.float32, head_dim=64)[0] == "torch"
     assert dispatch.candidates("varlen_attention", torch.device("cuda"))[0] == "triton"
+    assert dispatch.candidates("attention", torch.device("cuda"))[0] == "torch"  # SDPA: faster on uniform batches
     reasons = dispatch.not_supported_reasons("varlen_attention", "triton", cpu, torch.float32, head_dim=136)
     assert any("head dim 136" in r for r in reasons)
     reasons = dispatch.not_supported_reasons("varlen_attention", "triton", cpu, torch.float32, head_dim=64,

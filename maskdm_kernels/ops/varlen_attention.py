@@ -20,6 +20,7 @@ from ._common import fail
 
 OP = "varlen_attention"
 OP_BWD = "varlen_attention_backward"
+ATTN_OP = "attention"
 
 
 @torch.library.custom_op("maskdm::varlen_attention", mutates_args=())
@@ -114,7 +115,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     bf16 run tensor-core dots with fp32 accumulation. bf16 is not run under the Triton interpreter. ``torch`` is
     PyTorch's fused attention: on CPU the flash CPU kernel on views (one call per sequence, or one per uniform
     batch), on CUDA the memory-efficient SDPA kernel over a padded batch with a key-padding bias. ``auto`` takes
-    ``torch`` on CPU and ``triton`` first on CUDA (unmeasured on a GPU so far: see the GPU_ORDER note below).
+    ``torch`` on CPU and ``triton`` first on CUDA (measured on an H100: see the GPU_ORDER note below). For a uniform
+    batch, ``attention`` is faster on CUDA (PyTorch's flash / cuDNN kernels); ``MaskedViT`` uses it for those.
     """
     _check_qkv(OP, q, k, v, "(total_tokens, nheads, headdim)")
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32:
@@ -147,13 +149,29 @@ def _validate_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int) -> Non
 
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
     """Uniform convenience: ``(B, N, nheads, headdim)`` in and out (any strides, e.g. the unbind of a fused
-    ``(B, N, 3, H, Dh)`` projection), same kernels, dtypes and head dims as ``varlen_attention``."""
-    _check_qkv("attention", q, k, v, "(B, N, nheads, headdim)")
+    ``(B, N, 3, H, Dh)`` projection), same dtypes and head dims as ``varlen_attention``.
+
+    Backends: ``triton`` runs the varlen kernels on the packed view; ``torch`` is
+    ``F.scaled_dot_product_attention`` on the ``(B, H, N, Dh)`` view (PyTorch picks flash / cuDNN / efficient).
+    ``auto`` takes ``torch`` on CUDA: on an H100 it matched Triton on long sequences and was 2-4x faster on the
+    short ones of masked training (numbers beside ``GPU_ORDER[ATTN_OP]`` below)."""
+    _check_qkv(ATTN_OP, q, k, v, "(B, N, nheads, headdim)")
+    B, N, H, D = q.shape
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    _, fn = select(ATTN_OP, q.device, q.dtype, head_dim=D, batch_heads=B * H)
+    return fn(q, k, v, scale)
+
+
+def _attention_varlen(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     B, N, H, D = q.shape
     cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * N
-    out = varlen_attention(q.reshape(B * N, H, D), k.reshape(B * N, H, D), v.reshape(B * N, H, D), cu, N,
-                           softmax_scale)
+    out = varlen_attention(q.reshape(B * N, H, D), k.reshape(B * N, H, D), v.reshape(B * N, H, D), cu, N, scale)
     return out.view(B, N, H, D)
+
+
+def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------- triton backend
@@ -180,13 +198,19 @@ def _triton_backward(*args):
     return varlen_attention_triton.varlen_attention_bwd(*args)
 
 
-# `auto` on CUDA tensors. Rule: per shape class, the backend the committed GPU benchmark
-# (benchmarks/test_bench_attention.py, results in benchmarks/results/) shows faster. No GPU run exists yet, so every
-# shape class takes Triton first (DESIGN.md: Triton until measured) and the torch backend (PyTorch's fused
-# attention) only where Triton reports a reason (head dim, grid size). Whether Triton is really never slower than
-# PyTorch's attention on a GPU is UNMEASURED; once results land, a shape-class table belongs here.
+# `auto` on CUDA tensors, varlen (H100, bf16, Dh 64, B 16, visible ratios 10-50% of 4096; results in
+# benchmarks/results/2026-11-28-nvidia-h100-80gb-hbm3.md): Triton fwd 0.21 ms vs torch.nn.attention.varlen 0.28,
+# FlexAttention 0.68, padded SDPA 1.70; fwd+bwd Triton 1.59 ms vs varlen_attn 1.15, FlexAttention 1.89, padded SDPA
+# 4.0. The torch backend here is the padded memory-efficient kernel (3.4 ms fwd+bwd), so Triton stays first; a
+# varlen_attn-based torch backend is the open improvement for training.
 GPU_ORDER[OP] = ("triton", "torch")
 GPU_ORDER[OP_BWD] = ("triton", "torch")
+register(ATTN_OP, "triton", _triton_reasons)(_attention_varlen)
+register(ATTN_OP, "torch")(_attention_sdpa)
+# Uniform batches (every sequence the same length: the paper's masks, fine-tuning, sampling), same results file,
+# fwd+bwd: SDPA (cuDNN / flash) 0.70 ms vs Triton 1.50 ms at B 64 x N 417 x H 12, 0.73 vs 1.58 ms at B 256 x N 105
+# x H 8, and within 7% at N 1025-4097 (Triton ahead by 3% on the N 4097 forward only). So torch first.
+GPU_ORDER[ATTN_OP] = ("torch", "triton")
 
 
 # ------------------------------------------------------------------------------------------------ torch backend
