@@ -49,6 +49,33 @@ def facts() -> dict:
     return f
 
 
+def facts_from_info(text: str) -> dict:
+    """The device's facts as ``python -m maskdm_kernels.info`` printed them there (for summaries made elsewhere)."""
+    top = {}
+    for line in text.splitlines():
+        if line.startswith("build:"):
+            break
+        key, _, val = line.strip().partition(": ")
+        if val:
+            top[key] = val.strip()
+    return {"date": datetime.date.today().isoformat(), "torch": top.get("torch"), "cuda": top.get("torch_cuda"),
+            "triton": top.get("triton"), "device": top.get("gpu", "cpu"), "commit": None, "copy_bandwidth_GBps": None}
+
+
+def load_benchmarks(spec: str) -> list:
+    """``path`` or ``path=label`` (the label is appended to each group); an empty or cut-off file gives nothing."""
+    path, _, label = spec.partition("=")
+    try:
+        benches = json.loads(Path(path).read_text())["benchmarks"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"skipping {path}: {type(e).__name__}")
+        return []
+    for b in benches:
+        if label:
+            b["group"] = f"{b.get('group') or b['name'].split('[')[0]} ({label})"
+    return benches
+
+
 def test_counts(path: str | None) -> dict | None:
     if not path or not Path(path).exists():
         return None
@@ -59,13 +86,19 @@ def test_counts(path: str | None) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bench", required=True, nargs="+", help="pytest-benchmark JSON files (missing ones skipped)")
+    ap.add_argument("--bench", required=True, nargs="+", help="pytest-benchmark JSON files, each PATH or PATH=LABEL (missing or cut-off ones skipped)")
     ap.add_argument("--tests")
     ap.add_argument("--info")
     ap.add_argument("--outdir", default="benchmarks/results")
+    ap.add_argument("--from-info", action="store_true",
+                    help="take device, torch, triton and CUDA from --info (summarising elsewhere than the device)")
+    ap.add_argument("--commit", help="the commit the device ran (default: this checkout's HEAD)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the summary's notes (repeatable)")
     args = ap.parse_args()
-    meta = facts()
-    benches = [b for f in args.bench if Path(f).exists() for b in json.loads(Path(f).read_text())["benchmarks"]]
+    meta = facts_from_info(Path(args.info).read_text()) if args.from_info else facts()
+    if args.commit:
+        meta["commit"] = args.commit
+    benches = [b for spec in args.bench for b in load_benchmarks(spec)]
     rows = []
     for b in benches:
         dev = b.get("extra_info", {}).get("device_median_ms")
@@ -83,6 +116,7 @@ def main() -> None:
     md += [f"- {k}: {v}" for k, v in meta.items()]
     if out["tests"]:
         md.append(f"- GPU tests: {out['tests']}")
+    md += [f"- note: {n}" for n in args.note]
     md += ["", "Times: CUDA-event medians (`device_median_ms`) where recorded, else pytest-benchmark's median.", "",
            "| group | benchmark | median | GB/s | TFLOP/s | img/s | vs full |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["group"] or "", r["median_s"])):
