@@ -53,7 +53,7 @@ if has bench; then
     phase "$name"
     limit=${BENCH_TIMEOUT:-180}
     case $name in *attention*) limit=${ATTN_TIMEOUT:-240};; esac
-    timeout "$limit" $PY -m pytest "$f" --benchmark-only -q -p no:cacheprovider -rfE --tb=short \
+    timeout "$limit" $PY -m pytest "$f" --benchmark-only -q -p no:cacheprovider -rfEs --tb=short \
       --benchmark-json="$OUTDIR/$name.json" --benchmark-max-time=0.05 --benchmark-min-rounds=3 \
       --benchmark-columns=median,rounds >"$OUTDIR/$name.log" 2>&1
     rc=$?

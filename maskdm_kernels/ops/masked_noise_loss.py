@@ -4,8 +4,8 @@ NOTE: the gradient w.r.t. ``pred`` is recomputed in the backward from (pred, noi
 the forward as Liger-Kernel's fused losses do. Both move the same bytes over forward + backward (5 * T * P:
 read pred + noise, write grad; then read + write it again to apply grad_output, which cannot be skipped
 without a host sync on grad_output == 1), but recomputing keeps no (T, P) buffer alive between the passes
-and makes a forward alone (evaluation) cost 2 * T * P instead of 3 * T * P. Measured on the C++ kernels
-(benchmarks/test_bench_masked_noise_loss.py, `write_grad` vs `recompute` providers).
+and makes a forward alone (evaluation) cost 2 * T * P instead of 3 * T * P. Chosen by that byte count: no
+write-in-forward variant exists here, so the two were not timed against each other.
 """
 
 from __future__ import annotations
