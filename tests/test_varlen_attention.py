@@ -331,3 +331,22 @@ def test_torch_compile_fullgraph(backend, compiler):
     torch.testing.assert_close(y, y_eager)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", [TRITON, "torch", "auto"])
+def test_uniform_attention_compiles_fullgraph(backend):
+    """``attention`` (SDPA on the torch backend, the varlen kernels on Triton) traces in one graph."""
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 7, 3, 2, 24, requires_grad=True)  # (B, N, 3, H, Dh): N and Dh not powers of two
+
+    def fn(t):
+        return mk.attention(*t.unbind(2)).square().sum()
+
+    with mk.backend(backend):
+        (g_eager,) = torch.autograd.grad(fn(qkv), qkv)
+        (g,) = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(qkv), qkv)
+    torch.testing.assert_close(g, g_eager)
+    leaf = qkv.detach().double().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(
+        attention_ref(*leaf.unbind(2)).square().sum(), leaf)
+    torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-4)
