@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 BUILD_ENV ?= MASKDM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$${MAX_JOBS:-2}
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: venv build test test-fast bench train info gpu-suite clean data
+.PHONY: venv build test test-fast lint bench train info gpu-suite clean data
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ build: .build-stamp
 
 test: build
 	$(PY) -m pytest tests -q -ra
+
+# Style gate (ruff's version is pinned in pyproject's test extra, so its rules do not drift).
+lint: venv
+	$(VENV)/bin/ruff check .
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only -q

@@ -27,9 +27,10 @@ def say(msg: str) -> None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, check=False).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -78,7 +79,7 @@ def pip_nvidia_dirs():
 
 def default_arch_list(torch) -> str:
     if torch.cuda.is_available():
-        archs = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
         return ";".join(archs)
     return "8.0;9.0"
 
@@ -136,9 +137,9 @@ def extensions():
     if not with_cuda:
         say(f"skipping the CUDA kernels: {why_not}; building the C++ (CPU) kernels only")
 
-    facts = dict(built=True, torch=torch.__version__, torch_cuda=torch.version.cuda, with_cuda=with_cuda,
-                 cuda_skip_reason=why_not, commit=git_commit(), platform=platform.platform(),
-                 python=platform.python_version())
+    facts = {"built": True, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "with_cuda": with_cuda,
+                 "cuda_skip_reason": why_not, "commit": git_commit(), "platform": platform.platform(),
+                 "python": platform.python_version()}
     incs, libs = pip_nvidia_dirs()
     if with_cuda:
         # cpp_extension reads CUDA_HOME at import time; point it at the real toolkit before building.
@@ -147,7 +148,7 @@ def extensions():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or default_arch_list(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         nvcc = os.path.join(cuda_home, "bin", "nvcc")
-        nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip()
+        nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout.strip()
         facts.update(cuda_home=cuda_home, nvcc=nvcc_version.splitlines()[-1] if nvcc_version else "?",
                      cuda_archs=archs)
         say(f"building CUDA + C++ kernels for archs {archs} with {nvcc}")
@@ -171,10 +172,11 @@ def extensions():
             extra_link_args=link_flags,
         )
     cxx = os.environ.get("CXX", "c++")
-    cxx_version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()
+    cxx_version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()
     facts["compiler"] = cxx_version[0] if cxx_version else cxx
     write_build_info(**facts)
-    return [ext], {"build_ext": build_ext_class(cpp_extension).with_options(use_ninja=shutil.which("ninja") is not None)}
+    use_ninja = shutil.which("ninja") is not None
+    return [ext], {"build_ext": build_ext_class(cpp_extension).with_options(use_ninja=use_ninja)}
 
 
 ext_modules, cmdclass = extensions()

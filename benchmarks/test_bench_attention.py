@@ -205,6 +205,8 @@ def test_attention(benchmark, case, mode, provider):
     timed_step = timed(step)
     benchmark(timed_step)
     flops = 4 * sum(n * n for n in lengths) * HEAD_DIM * q.shape[1] * (1.0 if mode == "fwd" else 3.5)
-    record(benchmark, timed_step, flops=flops, provider=provider, dtype=str(DTYPE).replace("torch.", ""), head_dim=HEAD_DIM,
-           heads=q.shape[1], batch=len(lengths), max_seqlen=max(lengths), tokens=int(cu[-1]), uniform=uniform,
+    capturable = provider.startswith(("maskdm", "sdpa", "torch-varlen"))  # the others may sync or recompile
+    record(benchmark, timed_step, graph=capturable, flops=flops, provider=provider,
+           dtype=str(DTYPE).replace("torch.", ""), head_dim=HEAD_DIM, heads=q.shape[1], batch=len(lengths),
+           max_seqlen=max(lengths), tokens=int(cu[-1]), uniform=uniform,
            padded_flops_ratio=round(len(lengths) * max(lengths) ** 2 / sum(n * n for n in lengths), 3))

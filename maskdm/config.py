@@ -387,7 +387,8 @@ def _validate(cfg: Config) -> None:
         _check(s.weight_decay >= 0, f"{k}.weight_decay", s.weight_decay, "a number >= 0")
         _check(s.grad_clip >= 0, f"{k}.grad_clip", s.grad_clip, "a number >= 0 (0 disables clipping)")
         _check(0.0 <= s.ema_decay < 1.0, f"{k}.ema_decay", s.ema_decay, "a number in [0, 1)")
-        _check(s.max_minutes is None or s.max_minutes > 0, f"{k}.max_minutes", s.max_minutes, "a positive number or null")
+        _check(s.max_minutes is None or s.max_minutes > 0, f"{k}.max_minutes", s.max_minutes,
+               "a positive number or null")
         ratios = s.mask_ratio if isinstance(s.mask_ratio, tuple) else (s.mask_ratio,)
         _check(all(0.0 <= r < 1.0 for r in ratios) and ratios[0] <= ratios[-1], f"{k}.mask_ratio", s.mask_ratio,
                "a masked fraction in [0, 1) or a [low, high] pair with low <= high")

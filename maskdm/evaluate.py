@@ -242,7 +242,8 @@ def score_models(models: dict, diffusion, real: Tensor, *, num: int, sampler: st
         metrics.update(mine[i:i + batch_size], real=True)
     t_real = time.time() - t0
     results = {"backbone": backbone_name(backbone, resize), "backbone_id": backbone, "sampler": sampler,
-               "steps": steps if sampler == "ddim" else diffusion.num_timesteps, "eta": eta if sampler == "ddim" else None,
+               "steps": steps if sampler == "ddim" else diffusion.num_timesteps,
+               "eta": eta if sampler == "ddim" else None,
                "num_generated": num, "num_real": n_real, "seed": seed, "world_size": world, "models": {}}
     batches = [(i, min(batch_size, num - s)) for i, s in enumerate(range(0, num, batch_size))][rank::world]
     for name, model in models.items():

@@ -31,7 +31,8 @@ def data_channels(cfg: Config) -> int:
     return 1 if cfg.data.dataset == "fashion_mnist" else (cfg.data.channels or 3)
 
 
-def load_for_sampling(ckpt: str | Path, which: str = "ema", device="cpu") -> tuple[MaskedViT, GaussianDiffusion, Config]:
+def load_for_sampling(ckpt: str | Path, which: str = "ema",
+                      device="cpu") -> tuple[MaskedViT, GaussianDiffusion, Config]:
     """(model in eval mode on ``device``, its diffusion, its config) from a checkpoint or run folder."""
     path = find_checkpoint(ckpt)
     cfg = config_from_dict(load_config_dict(path))

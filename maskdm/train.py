@@ -303,7 +303,8 @@ def check_tensorboard(enabled: bool) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise RuntimeError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            raise RuntimeError("train.tensorboard=true needs the tensorboard package: "
+                               "pip install tensorboard") from None
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -529,7 +530,8 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
             break
         save(si, stage.steps, optimizer)
         sample_grid(f"{stage.name}_end_step_{step:08d}")
-        log(f"[train] stage '{stage.name}' done at step {step}: checkpoint {last_ckpt}, grid {grids[-1] if grids else '-'}")
+        grid = grids[-1] if grids else "-"
+        log(f"[train] stage '{stage.name}' done at step {step}: checkpoint {last_ckpt}, grid {grid}")
 
     summary = {"out_dir": str(out), "step": step, "interrupted": int(interrupted), "checkpoint": str(last_ckpt),
                "metrics": str(logger.path), "grids": [str(g) for g in grids], "world_size": d.world,
@@ -556,7 +558,8 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
 def _diff(a, b, path: str = "") -> list[str]:
     """Dotted keys whose values differ between two plain config dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in dict.fromkeys([*a, *b]) for k in _diff(a.get(key), b.get(key), f"{path}.{key}".lstrip("."))]
+        return [k for key in dict.fromkeys([*a, *b])
+                for k in _diff(a.get(key), b.get(key), f"{path}.{key}".lstrip("."))]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [k for i, (x, y) in enumerate(zip(a, b)) for k in _diff(x, y, f"{path}[{i}]")]
     return [] if a == b else [path]

@@ -11,7 +11,7 @@ LOAD_ERROR: str | None = None
 
 try:
     _C = importlib.import_module("maskdm_kernels._C")
-except Exception as e:  # ImportError, or an undefined symbol from a build against another torch
+except Exception as e:  # noqa: BLE001  (ImportError, or an undefined symbol from a build against another torch)
     LOAD_ERROR = f"{type(e).__name__}: {e}"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -80,7 +80,7 @@ def triton_interpret() -> bool:
 def _triton_error() -> str | None:
     try:
         import triton  # noqa: F401
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (a broken install raises anything: report it as the reason)
         return f"triton is not importable ({type(e).__name__}: {e})"
     return None
 

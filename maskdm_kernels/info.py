@@ -6,9 +6,10 @@ import platform
 
 import torch
 
+import maskdm_kernels
+
 from . import _cpp_lib, dispatch
 from . import ops as _ops  # noqa: F401  (registers every op)
-import maskdm_kernels  # noqa: F401
 
 
 def _versions() -> dict:
@@ -17,7 +18,7 @@ def _versions() -> dict:
         import triton
 
         v["triton"] = triton.__version__
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (info must print whatever is broken, not die on it)
         v["triton"] = f"unavailable ({type(e).__name__})"
     v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     return v

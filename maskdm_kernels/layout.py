@@ -20,7 +20,7 @@ class Visible:
     Use the constructors (``from_index``, ``from_packed``, ``from_mask``, ``full``) rather than ``__init__``.
     """
 
-    __slots__ = ("ids", "cu_seqlens", "max_seqlen", "num_patches", "uniform")
+    __slots__ = ("cu_seqlens", "ids", "max_seqlen", "num_patches", "uniform")
 
     def __init__(self, ids: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_patches: int, uniform: bool):
         _check_int_tensor("ids", ids, 1)
@@ -36,7 +36,8 @@ class Visible:
         if not isinstance(num_patches, int) or num_patches < 1:
             raise ValueError(f"Visible: num_patches must be a positive int, got {num_patches!r}")
         if not isinstance(max_seqlen, int) or max_seqlen < 0 or max_seqlen > num_patches:
-            raise ValueError(f"Visible: max_seqlen must be an int in [0, num_patches={num_patches}], got {max_seqlen!r}")
+            raise ValueError(f"Visible: max_seqlen must be an int in [0, num_patches={num_patches}], "
+                             f"got {max_seqlen!r}")
         self.ids = ids.contiguous()
         self.cu_seqlens = cu_seqlens.contiguous()
         self.max_seqlen = max_seqlen
@@ -45,7 +46,7 @@ class Visible:
 
     # ----------------------------------------------------------------------------------------- constructors
     @classmethod
-    def from_index(cls, idx: Tensor, num_patches: int) -> "Visible":
+    def from_index(cls, idx: Tensor, num_patches: int) -> Visible:
         """Uniform layout from ``idx (B, Nv)``: the kept patch ids of each sample, any order (sorted here)."""
         _check_int_tensor("idx", idx, 2)
         B, nv = idx.shape
@@ -56,7 +57,7 @@ class Visible:
         return cls(ids, cu, nv, num_patches, True)
 
     @classmethod
-    def from_packed(cls, ids: Tensor, cu_seqlens: Tensor, num_patches: int, max_seqlen: int | None = None) -> "Visible":
+    def from_packed(cls, ids: Tensor, cu_seqlens: Tensor, num_patches: int, max_seqlen: int | None = None) -> Visible:
         """Varlen layout from packed ``ids (T,)`` and ``cu_seqlens (B + 1,)`` (both int32).
 
         ``max_seqlen=None`` computes it from ``cu_seqlens``, which costs one device sync."""
@@ -68,7 +69,7 @@ class Visible:
         return cls(ids, cu_seqlens, int(max_seqlen), num_patches, False)
 
     @classmethod
-    def from_mask(cls, mask: Tensor) -> "Visible":
+    def from_mask(cls, mask: Tensor) -> Visible:
         """From a boolean ``mask (B, N)`` with True = masked (the paper's convention). Syncs (data-dependent T)."""
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
             raise TypeError(f"Visible.from_mask: mask must be a bool tensor (B, N), got "
@@ -84,7 +85,7 @@ class Visible:
         return cls(ids, cu, max_seqlen, N, uniform)
 
     @classmethod
-    def full(cls, batch_size: int, num_patches: int, device=None) -> "Visible":
+    def full(cls, batch_size: int, num_patches: int, device=None) -> Visible:
         """Every patch visible (fine-tuning and sampling)."""
         ids = torch.arange(num_patches, device=device, dtype=torch.int32).repeat(batch_size)
         cu = torch.arange(batch_size + 1, device=device, dtype=torch.int32) * num_patches
@@ -116,7 +117,7 @@ class Visible:
             return torch.arange(B, device=self.device).repeat_interleave(self.max_seqlen)
         return torch.repeat_interleave(torch.arange(B, device=self.device), self.lengths.long(), output_size=self.total)
 
-    def to(self, device) -> "Visible":
+    def to(self, device) -> Visible:
         return Visible(self.ids.to(device), self.cu_seqlens.to(device), self.max_seqlen, self.num_patches,
                        self.uniform)
 

@@ -103,7 +103,7 @@ def varlen_attention_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, ma
 
     Block-diagonal mask over the packed tokens: readable and sync-free, O(T^2) memory (an oracle, not a
     production path for long batches)."""
-    T, H, D = q.shape
+    T, _H, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     cdt = _compute_dtype(q.dtype)
     seg = _sample_index(cu_seqlens, T)

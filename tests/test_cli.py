@@ -78,7 +78,8 @@ def test_missing_dataset_message(tmp_path, capsys):
                f"data.root={tmp_path / 'none'}", f"train.out_dir={tmp_path / 'o'}"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert str(tmp_path / "none" / "train-images-idx3-ubyte.gz") in err and "apt-get install dataset-fashion-mnist" in err
+    assert str(tmp_path / "none" / "train-images-idx3-ubyte.gz") in err
+    assert "apt-get install dataset-fashion-mnist" in err
 
 
 def test_info_and_module_entry_point():

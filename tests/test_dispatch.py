@@ -27,26 +27,23 @@ def test_env_var_selects_and_is_validated(monkeypatch):
     monkeypatch.setenv("MASKDM_BACKEND", "fastest")
     with pytest.raises(ValueError, match="MASKDM_BACKEND"):
         mk.current_backend()
-    with pytest.raises(ValueError, match="backend"):
-        with mk.backend("nope"):
-            pass
+    with pytest.raises(ValueError, match="backend"), mk.backend("nope"):
+        pass
 
 
 def test_forced_backend_raises_with_reasons_instead_of_falling_back(monkeypatch):
     monkeypatch.delenv("MASKDM_BACKEND", raising=False)
     vis = make_visible("uniform", 2, 16, "cpu")
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run gather_patches.*CUDA tensors"):
-        with mk.backend("cuda"):
-            mk.gather_patches(x, vis, 2)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run gather_patches.*CUDA tensors"), \
+            mk.backend("cuda"):
+        mk.gather_patches(x, vis, 2)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        with mk.backend("triton"):
-            mk.gather_patches(x, vis, 2)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"), mk.backend("triton"):
+        mk.gather_patches(x, vis, 2)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        with mk.backend("triton"):
-            mk.gather_patches(x.bfloat16(), vis, 2)
+    with pytest.raises(RuntimeError, match="bfloat16"), mk.backend("triton"):
+        mk.gather_patches(x.bfloat16(), vis, 2)
 
 
 def test_auto_on_cpu_prefers_the_compiled_kernel():

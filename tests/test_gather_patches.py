@@ -53,10 +53,10 @@ def test_gather_optional_scales(device, name, which):
     B, C, H, W, p = 3, 3, 8, 8, 2
     x, n = torch.randn(B, C, H, W, device=device), torch.randn(B, C, H, W, device=device)
     vis = make_visible("varlen", B, 16, device)
-    ss, ns = _scales(B, device)
-    kwargs = {"noise_only": dict(noise=n), "signal_only": dict(signal_scale=ss),
-              "unit_scales": dict(noise=n, signal_scale=torch.ones(B, device=device),
-                                  noise_scale=torch.ones(B, device=device))}[which]
+    ss, _ns = _scales(B, device)
+    kwargs = {"noise_only": {"noise": n}, "signal_only": {"signal_scale": ss},
+              "unit_scales": {"noise": n, "signal_scale": torch.ones(B, device=device),
+                                  "noise_scale": torch.ones(B, device=device)}}[which]
     with mk.backend(name):
         out = mk.gather_patches(x, vis, p, **kwargs)
     expected = ref.gather_patches_ref(x.double(), vis.ids, vis.cu_seqlens, p,

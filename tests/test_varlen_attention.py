@@ -2,10 +2,10 @@
 
 Accuracy rule (DESIGN.md): the max abs error of each output and gradient is at most 2x the error of PyTorch's own
 attention (same dtype, same inputs; the worse of SDPA per sequence and the explicit scores-softmax-product form that
-flash-attention's tests use) against the float64 reference, plus a small absolute floor for the case where PyTorch
-happens to be near-exact. Both backends are held to it (on CPU the torch backend runs the
-same fused kernel as SDPA, per sequence, so it matches PyTorch's error exactly). Long sequences run with few heads and one head dim; the head-dim sweep
-runs on short sequences: the interpreter is slow.
+flash-attention's tests use) against the float64 reference, plus a floor of a few ulps at the output's scale for the
+case where PyTorch happens to be near-exact. Both backends are held to it (on CPU the torch backend runs the same
+fused kernel as SDPA, per sequence, so it matches PyTorch's error exactly). Long sequences run with few heads and one
+head dim; the head-dim sweep runs on short sequences: the interpreter is slow.
 """
 
 import itertools

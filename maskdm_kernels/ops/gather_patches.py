@@ -8,8 +8,15 @@ from torch import Tensor
 from .. import reference
 from ..dispatch import register, select
 from ..layout import Visible
-from ._common import check_float, check_num_patches, check_patch_size, check_per_sample, check_visible, fail
-from ._common import register_compiled
+from ._common import (
+    check_float,
+    check_num_patches,
+    check_patch_size,
+    check_per_sample,
+    check_visible,
+    fail,
+    register_compiled,
+)
 
 OP = "gather_patches"
 
@@ -71,7 +78,7 @@ def gather_patches(images: Tensor, vis: Visible, patch_size: int, noise: Tensor 
         materialised. Differentiable in ``images`` and ``noise`` (not in the scales).
     """
     check_float(OP, "images", images, 4)
-    B, C, H, W = images.shape
+    B, _C, H, W = images.shape
     check_patch_size(OP, patch_size, H, W)
     check_visible(OP, vis, images.device, B)
     check_num_patches(OP, vis, patch_size, H, W)

@@ -16,8 +16,15 @@ from torch import Tensor
 from .. import reference
 from ..dispatch import register, select
 from ..layout import Visible
-from ._common import check_float, check_num_patches, check_patch_size, check_per_sample, check_visible, fail
-from ._common import register_compiled
+from ._common import (
+    check_float,
+    check_num_patches,
+    check_patch_size,
+    check_per_sample,
+    check_visible,
+    fail,
+    register_compiled,
+)
 
 OP = "masked_noise_loss"
 OP_BWD = "masked_noise_loss_backward"
@@ -64,7 +71,8 @@ def _backward(ctx, grad):
 _masked_noise_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int, weight: Tensor | None = None) -> Tensor:
+def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int,
+                      weight: Tensor | None = None) -> Tensor:
     """Mean over samples of ``weight[b] *`` mean over b's visible elements of ``(pred - target)^2``.
 
     Args:

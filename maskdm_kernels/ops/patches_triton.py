@@ -135,7 +135,7 @@ def _search_steps(batch: int) -> int:
 
 
 def _meta(images_shape, ids: Tensor, cu_seqlens: Tensor, p: int):
-    _, C, H, W = images_shape
+    _, C, _H, W = images_shape
     T = ids.shape[0]
     batch = cu_seqlens.shape[0] - 1
     ppc = p * p * C

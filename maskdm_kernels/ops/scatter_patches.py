@@ -26,7 +26,7 @@ def _(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill)
 
 
 def _setup_context(ctx, inputs, output):
-    tokens, ids, cu_seqlens, patch_size = inputs[:4]
+    _tokens, ids, cu_seqlens, patch_size = inputs[:4]
     ctx.patch_size = patch_size
     ctx.save_for_backward(ids, cu_seqlens)
 

@@ -156,7 +156,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = Non
     ``auto`` takes ``torch`` on CUDA: on an H100 it matched Triton on long sequences and was 2-4x faster on the
     short ones of masked training (numbers beside ``GPU_ORDER[ATTN_OP]`` below)."""
     _check_qkv(ATTN_OP, q, k, v, "(B, N, nheads, headdim)")
-    B, N, H, D = q.shape
+    B, _N, H, D = q.shape
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     _, fn = select(ATTN_OP, q.device, q.dtype, head_dim=D, batch_heads=B * H)
     return fn(q, k, v, scale)
