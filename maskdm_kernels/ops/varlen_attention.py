@@ -156,10 +156,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = Non
     ``auto`` takes ``torch`` on CUDA: on an H100 it matched Triton on long sequences and was 2-4x faster on the
     short ones of masked training (numbers beside ``GPU_ORDER[ATTN_OP]`` below)."""
     _check_qkv(ATTN_OP, q, k, v, "(B, N, nheads, headdim)")
-    B, _N, H, D = q.shape
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    _, fn = select(ATTN_OP, q.device, q.dtype, head_dim=D, batch_heads=B * H)
-    return fn(q, k, v, scale)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _ATTN_IMPLS[_attention_backend(q.device.type, q.dtype, int(q.shape[-1]))](q, k, v, scale)
+
+
+@torch.compiler.assume_constant_result
+def _attention_backend(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend name for ``attention``. A constant to torch.compile: it is resolved (forced backend included)
+    when the graph is traced, since older Dynamo cannot trace the ContextVar behind ``backend()``. The Triton
+    path's grid limit is checked by ``varlen_attention`` itself."""
+    return select(ATTN_OP, torch.device(device_type), dtype, head_dim=head_dim)[0]
 
 
 def _attention_varlen(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -207,6 +213,7 @@ GPU_ORDER[OP] = ("triton", "torch")
 GPU_ORDER[OP_BWD] = ("triton", "torch")
 register(ATTN_OP, "triton", _triton_reasons)(_attention_varlen)
 register(ATTN_OP, "torch")(_attention_sdpa)
+_ATTN_IMPLS = {"triton": _attention_varlen, "torch": _attention_sdpa}
 # Uniform batches (every sequence the same length: the paper's masks, fine-tuning, sampling), same results file,
 # fwd+bwd: SDPA (cuDNN / flash) 0.70 ms vs Triton 1.50 ms at B 64 x N 417 x H 12, 0.73 vs 1.58 ms at B 256 x N 105
 # x H 8, and within 7% at N 1025-4097 (Triton ahead by 3% on the N 4097 forward only). So torch first.
@@ -285,7 +292,13 @@ def _cpu_calls(cu_seqlens: Tensor, total: int, max_seqlen: int):
     return [(slice(s, e), 1, e - s) for s, e in itertools.pairwise(bounds) if e > s]
 
 
+def _unit_last_stride(*xs: Tensor) -> list[Tensor]:
+    # torch 2.13's CPU flash kernel reads a head dim with stride != 1 wrongly (2.14 does not): copy those only.
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+
+
 def _cpu_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    q, k, v = _unit_last_stride(q, k, v)
     T, H, D = q.shape
     out = torch.empty((T, H, D), dtype=q.dtype)
     lse = torch.empty((H, T), dtype=torch.float32)
@@ -298,6 +311,7 @@ def _cpu_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
 
 
 def _cpu_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale):
+    dout, q, k, v, out = _unit_last_stride(dout, q, k, v, out)
     T, H, D = q.shape
     grads = tuple(torch.empty((T, H, D), dtype=q.dtype) for _ in range(3))
     for sl, b, n in _cpu_calls(cu_seqlens, T, max_seqlen):
