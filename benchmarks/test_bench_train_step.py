@@ -17,11 +17,11 @@ holds images/s, the measured speed-up over the full step and the FLOP ratio next
 
     pytest benchmarks/test_bench_train_step.py --benchmark-only            # CPU case, < 2 minutes on 2 cores
 
-NOTE: measured on this project's 2-core CPU box (shared with other agents; this run while the box was otherwise
-idle, 29 s for the file, commit 8b15df9, C++ patch kernels built, varlen_attention on its torch backend):
-full 33.2 img/s; block-4 0.9 (87.5%): maskdm_kernels 340.6 img/s = 10.3x the full step (FLOP ratio 9.8x),
-maskdm_style 317.8, torch_best 391.3. At 0.5 / 0.75: 2.45x / 5.18x (FLOP 2.26x / 4.81x). With 1 thread: 10.3x.
-With another process busy on one core, 2 OpenMP threads collapse (16 img/s masked): time it on a quiet box.
+NOTE: measured on this project's 2-core CPU box, one thread (OMP_NUM_THREADS=1), 2026-11-28, commit c1439f3:
+full 19.7 img/s; block-4 0.9 (87.5%): maskdm_kernels 226.6 img/s = 11.5x the full step (FLOP ratio 9.8x),
+maskdm_style 227.2, torch_best 224.7; at 0.5 / 0.75: 2.59x / 5.56x (FLOP 2.26x / 4.81x). At this size the three
+masked steps differ by noise. With another process busy on one core, 2 OpenMP threads collapse: time it on a
+quiet box. GPU (uvit-b, B=32, H100): benchmarks/results/2026-11-28-nvidia-h100-80gb-hbm3.md.
 """
 
 from __future__ import annotations
