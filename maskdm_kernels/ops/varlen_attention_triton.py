@@ -73,6 +73,16 @@ def _fwd_step(acc, l_i, m_i, q, K_ptr, V_ptr, start_n, seqlen, offs_n, offs_d, s
 
 
 @triton.jit
+def _program_sequence(cu_ptr, nheads):
+    """(head, first token as int64, length) of this program's (sequence, head): grid axis 1 is b * nheads + h."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // nheads
+    start = tl.load(cu_ptr + b)
+    seqlen = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)
+    return pid_bh % nheads, start.to(tl.int64), seqlen
+
+
+@triton.jit
 def _fwd_kernel(
     Q_ptr, K_ptr, V_ptr, Out_ptr, Lse_ptr, cu_ptr,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
@@ -83,11 +93,7 @@ def _fwd_kernel(
     # Bytes per (sequence, head) of length L: reads L*Dh of q and cdiv(L, BLOCK_M)*L*Dh of k and v (L2-resident for
     # short sequences), writes L*Dh of out + 4L of lse. FLOPs: 4*L*L*Dh. seq_bucket only keys the autotuner.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    seqlen = (tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)).to(tl.int32)
+    h, start, seqlen = _program_sequence(cu_ptr, nheads)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen:
         return
@@ -171,11 +177,7 @@ def _bwd_dkdv_kernel(
     # One program per key block: reads its k, v once and every q, dO, lse, delta of its sequence; writes its dK, dV.
     # FLOPs: 8*L*L*Dh per (sequence, head) (4 of the 5 backward products; dQ's kernel recomputes S and dP).
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    seqlen = (tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)).to(tl.int32)
+    h, start, seqlen = _program_sequence(cu_ptr, nheads)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen:
         return
@@ -236,11 +238,7 @@ def _bwd_dq_kernel(
     # One program per query block: reads its q, dO, lse, delta once and every k, v of its sequence; writes its dQ.
     # FLOPs: 6*L*L*Dh per (sequence, head).
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    seqlen = (tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)).to(tl.int32)
+    h, start, seqlen = _program_sequence(cu_ptr, nheads)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen:
         return
