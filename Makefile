@@ -59,8 +59,11 @@ data:
 # The main job. The extension is built for this machine (CPU kernels here; CUDA too where a GPU is visible).
 train: venv data
 	test -f .build-stamp || { MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install -q --no-build-isolation --no-deps -e . $(QUIET); }
-	# Two single-threaded DDP processes (gloo) use the 2 cores better than one 2-thread process.
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $${NPROC:-2} -m maskdm train --config $(TRAIN_CONFIG) --overwrite
+	# CPU: two single-threaded DDP processes (gloo) use the 2 cores better than one 2-thread process.
+	# GPU: one process per visible GPU (NCCL). NPROC overrides either.
+	gpus=$$($(PY) -c "import torch; print(torch.cuda.device_count())"); \
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $${NPROC:-$$( [ "$$gpus" -gt 0 ] && echo $$gpus || echo 2 )} \
+	  -m maskdm train --config $(TRAIN_CONFIG) --overwrite
 
 gpu-suite:
 	bash benchmarks/gpu_suite.sh

@@ -80,6 +80,10 @@ def _setup(device_pref: str) -> Dist:
     want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    if want_cuda and local >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK={local} but {torch.cuda.device_count()} CUDA device(s) are visible: run one "
+                           f"process per GPU (torchrun --nproc_per_node {torch.cuda.device_count()}), or set "
+                           f"train.device=cpu")
     if want_cuda:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
