@@ -1,9 +1,9 @@
 """Backend dispatch: capability-declared backends, first one with no reasons wins.
 
 Backends: ``cuda`` (compiled CUDA kernels), ``triton``, ``cpu`` (compiled C++ kernels), ``torch`` (the
-reference). ``auto`` picks per op and per call; naming one (``MASKDM_BACKEND=triton`` or
-``with maskdm_kernels.backend("triton"):``) raises with every reason it cannot serve the call instead of
-falling back.
+reference), ``flash`` (PyTorch's own FlashAttention kernels; attention ops only). ``auto`` picks per op and
+per call; naming one (``MASKDM_BACKEND=triton`` or ``with maskdm_kernels.backend("triton"):``) raises with
+every reason it cannot serve the call instead of falling back.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from . import _cpp_lib
 
-BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch", "flash")
 
 # op -> backend -> (impl, extra_reasons(**caps) -> list[str])
 _REGISTRY: dict[str, dict[str, tuple[Callable, Callable[..., list[str]] | None]]] = {}
@@ -50,7 +50,8 @@ def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = N
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Use backend ``name`` (``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch``) for every op in the block."""
+    """Use backend ``name`` (``auto``, ``cuda``, ``triton``, ``cpu``, ``torch`` or ``flash``) for every op in the
+    block."""
     _check_name(name, "backend")
     token = _forced.set(name)
     try:
@@ -116,6 +117,8 @@ def not_supported_reasons(op: str, name: str, device: torch.device, dtype: torch
                 reasons.append("the Triton interpreter computes bfloat16 wrongly; bf16 runs on a GPU only")
         elif device.type != "cuda":
             reasons.append(f"triton needs CUDA tensors, got {device.type} tensors")
+    elif name == "flash" and device.type != "cuda":
+        reasons.append(f"the flash backend needs CUDA tensors, got {device.type} tensors")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         reasons.append(f"dtype {dtype} is not supported (float32, float16 or bfloat16)")
     elif dtype == torch.float64 and name != "torch":

@@ -112,10 +112,9 @@ class Visible:
 
     def sample_index(self) -> Tensor:
         """int64 ``(T,)``: the sample each token belongs to (no host sync)."""
-        B = self.batch_size
         if self.uniform:
-            return torch.arange(B, device=self.device).repeat_interleave(self.max_seqlen)
-        return torch.repeat_interleave(torch.arange(B, device=self.device), self.lengths.long(), output_size=self.total)
+            return torch.arange(self.batch_size, device=self.device).repeat_interleave(self.max_seqlen)
+        return sample_index(self.cu_seqlens, self.total)
 
     def to(self, device) -> Visible:
         return Visible(self.ids.to(device), self.cu_seqlens.to(device), self.max_seqlen, self.num_patches,
@@ -124,6 +123,16 @@ class Visible:
     def __repr__(self) -> str:
         return (f"Visible(batch_size={self.batch_size}, total={self.total}, max_seqlen={self.max_seqlen}, "
                 f"num_patches={self.num_patches}, uniform={self.uniform}, device={self.device})")
+
+
+def sample_index(cu_seqlens: Tensor, total: int) -> Tensor:
+    """int64 ``(T,)``: the sample of each packed token, from ``cu_seqlens (B + 1,)`` and ``T = total``.
+
+    No host sync: ``output_size`` gives the length, so this traces under ``torch.compile`` and captures in a
+    CUDA graph. ``cu_seqlens`` must be valid (non-decreasing, ending at ``total``)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
+                                   output_size=total)
 
 
 def _check_int_tensor(name: str, t, dim: int) -> None:

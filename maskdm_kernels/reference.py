@@ -13,12 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-
-def _sample_index(cu_seqlens: Tensor, total: int) -> Tensor:
-    """int64 ``(T,)`` sample of each packed token, without a host sync."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
-                                   output_size=total)
+from .layout import sample_index
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -41,7 +36,7 @@ def gather_patches_ref(images: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_si
                        noise_scale: Tensor | None = None) -> Tensor:
     """``(T, p*p*C)``: the visible patches of ``signal_scale[b] * images + noise_scale[b] * noise``."""
     cdt = _compute_dtype(images.dtype)
-    bidx = _sample_index(cu_seqlens, ids.shape[0])
+    bidx = sample_index(cu_seqlens, ids.shape[0])
     pid = ids.long()
     out = patchify(images.to(cdt), patch_size)[bidx, pid]  # (T, P)
     if signal_scale is not None:
@@ -57,7 +52,7 @@ def scatter_patches_ref(tokens: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_s
     """``(T, p*p*C) -> (B, C, H, W)``; masked patches hold ``fill``."""
     B, C, H, W = image_size
     N = (H // patch_size) * (W // patch_size)
-    bidx = _sample_index(cu_seqlens, ids.shape[0])
+    bidx = sample_index(cu_seqlens, ids.shape[0])
     grid = torch.full((B, N, tokens.shape[1]), fill, dtype=tokens.dtype, device=tokens.device)
     grid = grid.index_put((bidx, ids.long()), tokens)
     return unpatchify(grid, patch_size, C, H, W).contiguous()
@@ -72,7 +67,7 @@ def masked_noise_loss_ref(pred: Tensor, noise: Tensor, ids: Tensor, cu_seqlens: 
     B = cu_seqlens.shape[0] - 1
     target = gather_patches_ref(noise.to(cdt), ids, cu_seqlens, patch_size)
     per_token = (pred.to(cdt) - target).square().sum(dim=1)  # (T,)
-    bidx = _sample_index(cu_seqlens, ids.shape[0])
+    bidx = sample_index(cu_seqlens, ids.shape[0])
     per_sample = torch.zeros(B, dtype=cdt, device=pred.device).index_add(0, bidx, per_token)
     count = (cu_seqlens[1:] - cu_seqlens[:-1]).to(cdt) * pred.shape[1]
     per_sample = per_sample / count.clamp_min(1)
@@ -88,7 +83,7 @@ def masked_noise_loss_grad_ref(grad: Tensor, pred: Tensor, noise: Tensor, ids: T
     cdt = _compute_dtype(pred.dtype)
     B = cu_seqlens.shape[0] - 1
     target = gather_patches_ref(noise.to(cdt), ids, cu_seqlens, patch_size)
-    bidx = _sample_index(cu_seqlens, ids.shape[0])
+    bidx = sample_index(cu_seqlens, ids.shape[0])
     count = (cu_seqlens[1:] - cu_seqlens[:-1]).to(cdt).clamp_min(1) * pred.shape[1] * max(B, 1)
     scale = 2.0 / count
     if weight is not None:
@@ -106,7 +101,7 @@ def varlen_attention_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, ma
     T, _H, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     cdt = _compute_dtype(q.dtype)
-    seg = _sample_index(cu_seqlens, T)
+    seg = sample_index(cu_seqlens, T)
     same = seg[:, None] == seg[None, :]  # (T, T)
     qf, kf, vf = (x.to(cdt).transpose(0, 1) for x in (q, k, v))  # (H, T, D)
     scores = torch.matmul(qf, kf.transpose(1, 2)) * scale

@@ -46,6 +46,16 @@ def test_forced_backend_raises_with_reasons_instead_of_falling_back(monkeypatch)
         mk.gather_patches(x.bfloat16(), vis, 2)
 
 
+def test_flash_backend_is_named_but_never_picked_for_patch_ops(monkeypatch):
+    monkeypatch.delenv("MASKDM_BACKEND", raising=False)
+    assert "flash" in mk.BACKENDS
+    for op in ("gather_patches", "scatter_patches", "masked_noise_loss"):
+        assert "flash" not in dispatch.candidates(op, torch.device("cuda"))
+    vis = make_visible("uniform", 2, 16, "cpu")
+    with pytest.raises(RuntimeError, match="backend 'flash' cannot run gather_patches"), mk.backend("flash"):
+        mk.gather_patches(torch.randn(2, 3, 8, 8), vis, 2)
+
+
 def test_auto_on_cpu_prefers_the_compiled_kernel():
     name, _ = dispatch.select("gather_patches", torch.device("cpu"), torch.float32)
     assert name == ("cpu" if _cpp_lib.loaded() else "torch")

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from maskdm_kernels import Visible
+from maskdm_kernels.layout import sample_index
 
 
 def test_from_index_sorts_and_is_uniform():
@@ -22,6 +23,15 @@ def test_from_packed_varlen_and_max_seqlen():
     assert vis.max_seqlen == 4 and not vis.uniform and vis.lengths.tolist() == [1, 0, 4]
     assert vis.sample_index().tolist() == [0, 2, 2, 2, 2]
     assert Visible.from_packed(ids, cu, 6, max_seqlen=5).max_seqlen == 5
+
+
+def test_sample_index_function_matches_lengths_and_traces_without_sync():
+    cu = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)
+    idx = sample_index(cu, 6)
+    assert idx.dtype == torch.int64 and idx.tolist() == [0, 0, 2, 2, 2, 3]
+    assert sample_index(torch.zeros(1, dtype=torch.int32), 0).tolist() == []
+    # output_size makes the length static: the meta device (no values at all) still gives the shape.
+    assert sample_index(cu.to("meta"), 6).shape == (6,)
 
 
 def test_from_mask_uses_true_as_masked():
