@@ -1,31 +1,25 @@
-"""Run configuration: YAML -> typed dataclasses, validated before any work starts.
+"""Run configuration: the schema (typed dataclasses) and its cross-field validation; the generic YAML / override
+engine is ``maskdm/yamlconf.py``.
 
     cfg = load_config("configs/fashion_mnist_quick.yaml", ["stages.pretrain.steps=100", "train.seed=1"])
 
-Every key is checked against the dataclass fields below: an unknown key, a value of the wrong type or a
-value outside its allowed set raises ``ConfigError`` naming the dotted key and what is allowed. Overrides are
-``dotted.key=value`` with the value parsed as YAML (``0.5``, ``[0.5, 0.9]``, ``true``, ``null``); a stage is
-addressed by its index or its name (``stages.0.lr=1e-4`` or ``stages.finetune.lr=1e-4``).
+Every key is checked against the dataclass fields below: an unknown key, a value of the wrong type, a
+non-finite number or a value outside its allowed set raises ``ConfigError`` naming the dotted key and what is
+allowed. Overrides are ``dotted.key=value`` with the value parsed as YAML (``0.5``, ``[0.5, 0.9]``, ``true``,
+``null``); a stage is addressed by its index or its name (``stages.0.lr=1e-4`` or ``stages.finetune.lr=1e-4``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal
 
-import yaml
+from . import yamlconf
+from .yamlconf import ConfigError, build, read_yaml, to_plain
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "EvalConfig", "ModelConfig", "StageConfig",
            "TrainConfig", "apply_overrides", "config_from_dict", "load_config"]
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the dotted key and the allowed values."""
 
 
 @dataclass
@@ -133,7 +127,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(self)
 
     @property
     def total_steps(self) -> int:
@@ -148,203 +142,19 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML file (or start from the defaults with ``path=None``), apply ``key=value`` overrides, build
     and validate the typed config."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw)
+    raw = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides))
 
 
 def config_from_dict(raw: dict) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg = build(Config, raw)
     _validate(cfg)
     return cfg
 
 
 def apply_overrides(raw: dict, overrides) -> dict:
     """Apply ``dotted.key=value`` overrides to a raw config dict (a copy is returned)."""
-    raw = yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value, e.g. train.seed=1")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        parts = key.split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty part in key {key!r}")
-        _set(raw, parts, value, key)
-    return raw
-
-
-def _set(raw: dict, parts: list[str], value, key: str) -> None:
-    node: Any = raw
-    cls: Any = Config
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        here = ".".join(parts[: i + 1])
-        if cls is StageList:
-            stages = node
-            idx = _stage_index(stages, part, here)
-            if last:
-                raise ConfigError(f"override {key}: set a field of the stage, e.g. {here}.steps=100")
-            node, cls = stages[idx], StageConfig
-            continue
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise ConfigError(_unknown(here, part, list(names)))
-        hint = _hints(cls)[part]
-        if last:
-            node[part] = value
-            return
-        if _origin(hint) is list:
-            node.setdefault(part, [dataclasses.asdict(StageConfig())] if part == "stages" else [])
-            node, cls = node[part], StageList
-        elif dataclasses.is_dataclass(hint):
-            sub = node.setdefault(part, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{here} must be a mapping, got {type(sub).__name__}")
-            node, cls = sub, hint
-        else:
-            raise ConfigError(f"override {key}: {here} is a value, it has no field {parts[i + 1]!r}")
-
-
-class StageList:  # marker for the stage list while walking an override key
-    pass
-
-
-def _stage_index(stages: list, part: str, here: str) -> int:
-    if part.isdigit():
-        idx = int(part)
-        if idx >= len(stages):
-            raise ConfigError(f"{here}: stage index {idx} out of range; the config has {len(stages)} stage(s)")
-        return idx
-    names = [s.get("name", StageConfig.name) if isinstance(s, dict) else None for s in stages]
-    if part not in names:
-        raise ConfigError(f"{here}: no stage named {part!r}; stages: {', '.join(map(str, names))} "
-                          f"(or an index 0..{len(stages) - 1})")
-    return names.index(part)
-
-
-# ---------------------------------------------------------------------------------------- typed building
-_HINTS: dict[type, dict] = {}
-
-
-def _hints(cls) -> dict:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _origin(tp):
-    return typing.get_origin(tp)
-
-
-def _build(cls, raw, path: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            raise ConfigError(_unknown(_join(path, str(key)), str(key), names))
-    hints = _hints(cls)
-    kwargs = {k: _convert(hints[k], v, _join(path, k)) for k, v in raw.items()}
-    return cls(**kwargs)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _unknown(where: str, key: str, allowed: list[str]) -> str:
-    near = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return f"unknown config key {where!r}{hint}; allowed keys here: {', '.join(allowed)}"
-
-
-def _describe(tp) -> str:
-    o = _origin(tp)
-    if o is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if o in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if o is tuple:
-        return "a list [" + ", ".join(_describe(a) for a in typing.get_args(tp)) + "]"
-    if o is list:
-        return "a list"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp, value, path: str):
-    o = _origin(tp)
-    if o in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path} = {value!r}: expected {_describe(tp)}")
-    if o is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{path} = {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
-        return value
-    if o is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"{path} must be a non-empty list, got {value!r}")
-        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if o is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{path} = {value!r}: expected {_describe(tp)}")
-        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} = {value!r}: expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{path} = {value!r}: expected an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path} = {value!r}: expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path} = {value!r}: expected a string")
-    raise ConfigError(f"{path}: unsupported field type {tp}")  # pragma: no cover
+    return yamlconf.apply_overrides(raw, overrides, Config)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -421,11 +231,3 @@ def _validate(cfg: Config) -> None:
     if ev.backbone == "inception":
         _check(bool(ev.inception_weights), "eval.inception_weights", ev.inception_weights,
                "the path of the FID Inception weights file (needed for backbone: inception)")
-
-
-def _to_plain(obj):
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj

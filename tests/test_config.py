@@ -57,7 +57,7 @@ def test_yaml_float_strings(tmp_path):
 @pytest.mark.parametrize("overrides, needles", [
     (["train.sed=1"], ["train.sed", "did you mean 'seed'", "allowed keys"]),
     (["stages.0.mask=blok"], ["stages[0].mask", "none, random, block, crop"]),
-    (["stages.nope.steps=1"], ["stages.nope", "no stage named"]),
+    (["stages.nope.steps=1"], ["stages.nope", "no entry of stages named 'nope'"]),
     (["data.subset=2"], ["data.subset", "(0, 1]"]),
     (["train.seed=abc"], ["train.seed", "integer"]),
     (["stages.0.mask=block", "stages.0.block_size=3"], ["stages[0].block_size", "divides the patch grid 16x16"]),
@@ -71,6 +71,12 @@ def test_yaml_float_strings(tmp_path):
     (["stages.0.mask=crop", "stages.0.crop_size=17"], ["stages[0].crop_size", "[1, 16]"]),
     (["stages.0.mask_ratio=1.0"], ["stages[0].mask_ratio", "[0, 1)"]),
     (["train"], ["dotted.key=value"]),
+    (["stages.0.lr=.nan"], ["stages[0].lr", "finite"]),
+    (["stages.0.lr=nan"], ["stages[0].lr", "finite"]),
+    (["stages.0.ema_decay=.inf"], ["stages[0].ema_decay", "finite"]),
+    (["stages.0.max_minutes=inf"], ["stages[0].max_minutes", "finite"]),
+    (["stages.0.mask_ratio=[0.5, .nan]"], ["stages[0].mask_ratio[1]", "finite"]),
+    (["diffusion.min_snr_gamma=-.inf"], ["diffusion.min_snr_gamma", "finite"]),
     (["train.seed.x=1"], ["train.seed is a value"]),
 ])
 def test_errors_name_the_key(overrides, needles):
