@@ -17,7 +17,11 @@ from maskdm_kernels import Visible, gather_patches, masked_noise_loss
 
 from .masking import to_device
 
-__all__ = ["GaussianDiffusion", "cosine_betas", "linear_betas"]
+__all__ = ["DDIM_EPS", "DDIM_GRIDS", "GaussianDiffusion", "cosine_betas", "ddim_timesteps", "linear_betas"]
+
+# DDIM timestep grids and eps handling (see ``ddim_timesteps`` and ``GaussianDiffusion.ddim_sample``).
+DDIM_GRIDS = ("uniform", "reference")
+DDIM_EPS = ("recompute", "model")
 
 
 def linear_betas(timesteps: int) -> Tensor:
@@ -34,6 +38,25 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
 
     i = torch.arange(timesteps, dtype=torch.float64)
     return (1 - abar(i + 1) / abar(i)).clamp(max=max_beta)
+
+
+def ddim_timesteps(timesteps: int, steps: int, grid: str = "uniform") -> list[int]:
+    """The DDIM grid, descending: the model is called at these timesteps, then ``x0`` is returned.
+
+    - ``"uniform"`` (our default): ``round(linspace(0, T-1, steps))``, deduplicated; it ends at ``t = 0``, so the
+      last model call sees the least noisy input.
+    - ``"reference"`` (MaskDM / denoising-diffusion-pytorch): ``linspace(-1, T-1, steps + 1)`` in float32,
+      truncated to ints, reversed, without the final ``-1``: ``{999, 995, ..., 3}`` for T=1000, 250 steps.
+    """
+    if not isinstance(steps, int) or not 1 <= steps <= timesteps:
+        raise ValueError(f"ddim_timesteps: steps must be an int in [1, {timesteps}], got {steps!r}")
+    if grid == "uniform":
+        ts = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
+        return sorted(set(ts), reverse=True)
+    if grid == "reference":  # float32 then truncation toward zero, exactly as the reference computes it
+        ts = torch.linspace(-1, timesteps - 1, steps + 1).int().tolist()
+        return [t for t in reversed(ts) if t >= 0]
+    raise ValueError(f"ddim_timesteps: grid must be one of {', '.join(DDIM_GRIDS)}, got {grid!r}")
 
 
 class GaussianDiffusion:
@@ -228,20 +251,23 @@ class GaussianDiffusion:
     def ddim_sample(self, model, shape, *, steps: int = 50, eta: float = 0.0, y: Tensor | None = None,
                     guidance_scale: float = 1.0, clip_denoised: bool = True, noise: Tensor | None = None,
                     device=None, generator: torch.Generator | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Tensor:
-        """DDIM sampling on ``steps`` timesteps evenly spaced over ``[0, T-1]``.
+                    progress: Callable[[int, int], None] | None = None, grid: str = "uniform",
+                    eps_mode: str = "recompute") -> Tensor:
+        """DDIM sampling on the ``steps`` timesteps of ``ddim_timesteps(T, steps, grid)``.
 
         ``eta=0`` is deterministic given the starting noise; ``eta=1`` adds DDPM-sized noise (the paper
-        samples with eta=1.0 and 250 steps). ``x0_hat`` is clipped to [-1, 1] when ``clip_denoised`` and the
-        noise estimate is recomputed from the clipped ``x0_hat``. Other arguments as in ``ddpm_sample``.
+        samples with eta=1.0 and 250 steps). ``x0_hat`` is clipped to [-1, 1] when ``clip_denoised``; then
+        ``eps_mode="recompute"`` (default, as guided-diffusion) recomputes the noise estimate from the clipped
+        ``x0_hat`` so that the update stays on the line through ``x_t`` and the clipped ``x0_hat``, while
+        ``"model"`` keeps the model's own eps (the MaskDM reference). After the last grid step ``x0_hat`` is
+        returned. Other arguments as in ``ddpm_sample``.
         """
-        if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"ddim_sample: steps must be an int in [1, {self.num_timesteps}], got {steps!r}")
         if eta < 0:
             raise ValueError(f"ddim_sample: eta must be >= 0, got {eta}")
+        if eps_mode not in DDIM_EPS:
+            raise ValueError(f"ddim_sample: eps_mode must be one of {', '.join(DDIM_EPS)}, got {eps_mode!r}")
+        ts = ddim_timesteps(self.num_timesteps, steps, grid)
         device, y, x = self._setup(model, shape, device, y, guidance_scale, noise, generator)
-        ts = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
-        ts = sorted(set(ts), reverse=True)
         abar = self.alphas_cumprod
         for i, step in enumerate(ts):
             prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -252,7 +278,8 @@ class GaussianDiffusion:
             x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
-                eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+                if eps_mode == "recompute":
+                    eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
             x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
             if sigma > 0:

@@ -50,13 +50,19 @@ def make_diffusion(cfg: Config) -> GaussianDiffusion:
 @torch.no_grad()
 def generate(model: MaskedViT, diffusion: GaussianDiffusion, num: int, *, sampler: str = "ddim", steps: int = 50,
              eta: float = 0.0, batch_size: int = 256, seed: int = 0, first_batch: int = 0, device=None,
-             autocast: bool = False, progress=None) -> Tensor:
+             autocast: bool = False, progress=None, grid: str = "uniform", eps_mode: str = "recompute") -> Tensor:
     """``num`` samples, float32 ``(num, C, H, W)`` in [-1, 1] on the CPU. Batch ``i`` (counting from
     ``first_batch``) draws from a generator seeded ``(seed, i)``, so the images depend only on the seed and
     the batch size, not on how the batches are spread over processes.
+    ``autocast``: bf16 autocast (False: fp32, as the reference samples). ``grid`` / ``eps_mode``: the DDIM
+    timestep grid and eps handling (``GaussianDiffusion.ddim_sample``).
     ``progress(n)`` is called with the number of finished denoising steps x images."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"num (images to generate) must be an integer >= 1, got {num!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -70,7 +76,7 @@ def generate(model: MaskedViT, diffusion: GaussianDiffusion, num: int, *, sample
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 if sampler == "ddim":
                     x = diffusion.ddim_sample(model, (b, *shape), steps=steps, eta=eta, generator=g, device=device,
-                                              progress=cb)
+                                              progress=cb, grid=grid, eps_mode=eps_mode)
                 else:
                     x = diffusion.ddpm_sample(model, (b, *shape), generator=g, device=device, progress=cb)
             out.append(x.float().clamp(-1, 1).cpu())

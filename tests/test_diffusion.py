@@ -188,6 +188,70 @@ def test_ddim_with_eta1_on_every_step_is_the_ddpm_sampler():
     assert_close(b, a, 1e-4, 1e-4, "DDIM(eta=1, every step) vs ancestral DDPM")
 
 
+def test_ddim_grids():
+    from maskdm.diffusion import ddim_timesteps
+
+    ref = ddim_timesteps(1000, 250, "reference")
+    assert ref[:3] == [999, 995, 991] and ref[-1] == 3 and len(ref) == 250  # {999, 995, ..., 3}, then x0
+    assert ref == list(range(999, 2, -4))
+    uni = ddim_timesteps(1000, 250, "uniform")
+    assert uni[0] == 999 and uni[-1] == 0 and len(uni) == 250 and uni[1] == 995  # round(linspace(0, 999, 250))
+    assert ddim_timesteps(1000, 1000, "reference") == list(range(999, -1, -1))
+    assert ddim_timesteps(1000, 1, "reference") == [999]
+    # steps that do not divide T: float32 linspace then truncation, as the reference computes it
+    want = [t for t in reversed(torch.linspace(-1, 999, 8).int().tolist()) if t >= 0]
+    assert ddim_timesteps(1000, 7, "reference") == want
+    with pytest.raises(ValueError, match="grid"):
+        ddim_timesteps(1000, 10, "quadratic")
+    with pytest.raises(ValueError, match="steps"):
+        ddim_timesteps(1000, 0, "uniform")
+
+
+class AffineEps(nn.Module):
+    """Predicts eps = a * x_t + b: x0_hat leaves [-1, 1] in part of the pixels and is clipped there."""
+
+    def __init__(self, a: float = 0.8, b: float = -0.5):
+        super().__init__()
+        self.a, self.b = a, b
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.ts = []
+
+    def forward(self, x, t):
+        self.ts.append(int(t[0]))
+        return self.a * x + self.b
+
+
+@pytest.mark.parametrize("eps_mode", ["recompute", "model"])
+@pytest.mark.parametrize("grid", ["uniform", "reference"])
+def test_ddim_eps_modes_against_manual_steps(eps_mode, grid):
+    """Two deterministic (eta=0) DDIM steps written out in float64: the model's eps is kept after clipping
+    ("model", the reference) or recomputed from the clipped x0 ("recompute")."""
+    d = GaussianDiffusion("cosine", timesteps=10)
+    model = AffineEps()
+    x = torch.linspace(-2, 2, 16).view(1, 1, 4, 4)
+    out = d.ddim_sample(model, (1, 1, 4, 4), steps=2, eta=0.0, noise=x, grid=grid, eps_mode=eps_mode)
+    ts = [9, 0] if grid == "uniform" else [9, 4]
+    assert model.ts == ts
+    xs = x.double()
+    abar = d.alphas_cumprod
+    for i, t in enumerate(ts):
+        a = abar[t].item()
+        a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        eps = 0.8 * xs - 0.5
+        x0 = ((xs - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        if eps_mode == "recompute":
+            eps = (xs - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        xs = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    # float32 sampler vs float64 replay: a few ulps of values of size ~2
+    assert_close(out, xs.float(), 1e-5, 1e-5, f"ddim {grid} {eps_mode}")
+    other = d.ddim_sample(AffineEps(), (1, 1, 4, 4), steps=2, eta=0.0, noise=x, grid=grid,
+                          eps_mode="model" if eps_mode == "recompute" else "recompute")
+    assert torch.equal(out, out.clamp(-1, 1)) and (out.abs() < 1).any()  # the clipped x0, partly inside
+    assert (out - other).abs().max() > 0.01  # the two modes differ once x0 is clipped
+    with pytest.raises(ValueError, match="eps_mode"):
+        d.ddim_sample(model, (1, 1, 4, 4), steps=2, eps_mode="clip")
+
+
 def test_classifier_free_guidance_combines_branches():
     class Stub(nn.Module):
         num_classes, null_class = 3, 3
