@@ -47,6 +47,7 @@ class DataConfig:
     hflip: float = 0.0  # probability of a horizontal flip per sample
     num_workers: int = 0  # DataLoader workers
     cache_dir: str | None = None  # folder decode cache; None: $XDG_CACHE_HOME/maskdm or ~/.cache/maskdm
+    decode_workers: int | None = None  # processes decoding a folder into its cache; None: min(16, CPUs)
 
 
 @dataclass
@@ -115,6 +116,15 @@ class EvalConfig:
     baseline_untrained: bool = True  # also score an untrained model (same init) for reference
     grid: int = 64  # images in the final sample grid
     seed: int = 0
+    # The real set: "sample" = `num` random training images (quick); "all" = the whole training set, streamed
+    # through the backbone, its features cached on disk per dataset + backbone (the paper's FID protocol).
+    real: Literal["all", "sample"] = "sample"
+    feature_cache: str | None = None  # real-feature cache folder; None: data.cache_dir's, or ~/.cache/maskdm
+    # DDIM grid and eps handling (GaussianDiffusion.ddim_sample): uniform + recompute are our defaults; the paper's
+    # code uses reference + model. precision: auto = bf16 autocast on GPU; fp32 = no autocast (the reference).
+    ddim_grid: Literal["uniform", "reference"] = "uniform"
+    ddim_eps: Literal["recompute", "model"] = "recompute"
+    precision: Literal["auto", "fp32"] = "auto"
 
 
 @dataclass
@@ -179,6 +189,8 @@ def _validate(cfg: Config) -> None:
     _check(0.0 < d.subset <= 1.0, "data.subset", d.subset, "a fraction in (0, 1]")
     _check(0.0 <= d.hflip <= 1.0, "data.hflip", d.hflip, "a probability in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(d.decode_workers is None or d.decode_workers >= 1, "data.decode_workers", d.decode_workers,
+           "an integer >= 1 or null")
     if d.dataset == "folder":
         _check(bool(d.root), "data.root", d.root, "the image folder (required for dataset: folder)")
     _check(df.timesteps >= 2, "diffusion.timesteps", df.timesteps, "an integer >= 2")
