@@ -12,16 +12,25 @@ from ``generator`` when it is a CPU generator, else from PyTorch's global CPU ge
 
 Random numbers come from ``generator`` when given (drawn on the generator's device, then moved to
 ``device``), else from the global generator of ``device``. The same generator state gives the same masks.
+
+Static capacity (for compiled / graph-captured steps): a varlen layout changes ``T`` and ``max_seqlen`` every
+step, so every step would be a new shape. ``static_capacity`` fixes a token capacity and a sequence count from
+the ratio range alone; ``pad_to_capacity`` fills the gap with ``fillers`` extra (filler) samples whose tokens a
+step gives loss weight 0 and whose images are zero rows appended to the batch, so every index stays in bounds.
+Every sequence of the padded layout, filler or real, is at most ``max_seqlen`` long.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from maskdm_kernels import Visible
+from maskdm_kernels.layout import sample_index
 
-__all__ = ["block_patches", "crop_patches", "random_patches"]
+__all__ = ["StaticCapacity", "block_patches", "crop_patches", "pad_to_capacity", "random_patches", "static_capacity"]
 
 
 def random_patches(batch_size: int, grid_size, ratio, device=None, generator: torch.Generator | None = None
@@ -87,6 +96,64 @@ def crop_patches(batch_size: int, grid_size, crop_size, device=None,
     return Visible(ids.to(torch.int32).reshape(-1), cu, ch * cw, rows * cols, True)
 
 
+# ---------------------------------------------------------------------------------------------- static capacity
+@dataclass(frozen=True)
+class StaticCapacity:
+    """Fixed shapes for every varlen layout of one mask setting.
+
+    batch_size: B real samples; fillers: F filler samples after them; tokens: ``T_cap = B * max_seqlen``, the
+    packed length of every padded layout; max_seqlen: the longest sample any ratio in the range keeps."""
+
+    batch_size: int
+    fillers: int
+    tokens: int
+    max_seqlen: int
+    num_patches: int
+
+
+def static_capacity(batch_size: int, grid_size, ratio, block_size: int = 1) -> StaticCapacity:
+    """The capacity of ``random_patches`` (``block_size=1``) or ``block_patches`` layouts with ``ratio``.
+
+    ``ratio`` a float (uniform: no fillers needed, ``fillers=0``) or ``(low, high)``. A sample keeps at most
+    ``kmax`` (at ratio ``low``) and at least ``kmin`` (at ``high``) patches, so the filler total
+    ``T_cap - T`` is in ``[0, B (kmax - kmin)]`` and ``ceil(B (kmax - kmin) / kmax)`` fillers of at most ``kmax``
+    tokens each hold it. Cost: the padded step runs ``T_cap`` tokens instead of ``T`` (at [0.75, 0.95] on
+    average 1.7x the real tokens); the fillers' extra (time) tokens are ``F`` more."""
+    rows, cols = _grid(grid_size, "static_capacity")
+    N, unit = rows * cols, block_size * block_size
+    lo, hi = (ratio, ratio) if not isinstance(ratio, (tuple, list)) else (float(ratio[0]), float(ratio[1]))
+    units = N // unit
+    kmax = (units - int(lo * N) // unit) * unit
+    kmin = (units - int(hi * N) // unit) * unit
+    if kmax < 1:
+        raise ValueError(f"static_capacity: ratio {ratio!r} keeps no patch of {N}; nothing to train on")
+    fillers = 0 if kmax == kmin else -(-batch_size * (kmax - kmin) // kmax)
+    return StaticCapacity(batch_size, fillers, batch_size * kmax, kmax, N)
+
+
+def pad_to_capacity(vis: Visible, cap: StaticCapacity) -> Visible:
+    """``vis`` (B samples, ``T <= cap.tokens`` tokens) followed by ``cap.fillers`` filler samples that hold the
+    remaining ``cap.tokens - T`` tokens, ``max_seqlen`` tokens each in order (the last ones may be empty).
+
+    Returns a varlen ``Visible`` of ``B + F`` samples, ``cap.tokens`` tokens and ``max_seqlen = cap.max_seqlen``
+    whatever ``vis`` was: shapes and python ints depend on ``cap`` only. Filler ids are ``0, 1, ...`` within each
+    filler (ascending, valid patch ids). No host sync (``T`` is a python int)."""
+    B, T, k = vis.batch_size, vis.total, cap.max_seqlen
+    if B != cap.batch_size or vis.num_patches != cap.num_patches:
+        raise ValueError(f"pad_to_capacity: vis has batch {B} and {vis.num_patches} patches, the capacity was made "
+                         f"for batch {cap.batch_size} and {cap.num_patches} patches")
+    rest = cap.tokens - T
+    if vis.max_seqlen > k or rest < 0 or rest > cap.fillers * k:
+        raise ValueError(f"pad_to_capacity: vis (T={T}, max_seqlen={vis.max_seqlen}) does not fit the capacity "
+                         f"(tokens={cap.tokens}, max_seqlen={k}, fillers={cap.fillers}): was it drawn with the "
+                         f"ratio the capacity was made for?")
+    dev = vis.device
+    fill_ids = (torch.arange(rest, device=dev) % k).to(torch.int32)
+    ends = (torch.arange(1, cap.fillers + 1, device=dev) * k).clamp_max(rest) + T
+    cu = torch.cat([vis.cu_seqlens, ends.to(torch.int32)])
+    return Visible(torch.cat([vis.ids, fill_ids]), cu, k, vis.num_patches, False)
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 def _keep_lowest(scores: Tensor, kept) -> Tensor:
     """bool ``(B, n)``: in each row, the ``kept[b]`` entries with the lowest scores (``kept`` an int or B ints)."""
@@ -113,7 +180,7 @@ def _pack(keep: Tensor, kept) -> Visible:
     lengths = to_device(torch.tensor(kept, dtype=torch.long), device)
     cu = torch.zeros(B + 1, dtype=torch.long, device=device)
     cu[1:] = lengths.cumsum(0)
-    sample = torch.repeat_interleave(torch.arange(B, device=device), lengths, output_size=total)
+    sample = sample_index(cu, total)
     ids = front[sample, torch.arange(total, device=device) - cu[sample]]
     return Visible(ids.to(torch.int32), cu.to(torch.int32), max(kept), N, False)
 

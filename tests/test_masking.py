@@ -150,3 +150,34 @@ def test_bad_arguments():
         masking.block_patches(2, 8.0, 0.5)
     with pytest.raises(ValueError, match="batch_size"):
         masking.random_patches(0, 8, 0.5)
+
+
+@pytest.mark.parametrize("kind,grid,block,ratio", [("random", 8, 1, (0.5, 0.9)), ("block", 16, 4, (0.75, 0.95)),
+                                                   ("block", (8, 12), 2, (0.1, 0.6)), ("random", 6, 1, (0.3, 0.3))])
+def test_pad_to_capacity_fixed_shapes(kind, grid, block, ratio):
+    """Every draw of a ratio range pads to the same shapes; real samples are untouched, fillers hold the rest in
+    sequences of at most max_seqlen tokens with valid, ascending ids."""
+    B = 7
+    cap = masking.static_capacity(B, grid, ratio, block_size=block)
+    g = torch.Generator().manual_seed(3)
+    shapes = set()
+    for _ in range(6):
+        vis = (masking.random_patches(B, grid, ratio, generator=g) if kind == "random"
+               else masking.block_patches(B, grid, ratio, block_size=block, generator=g))
+        pad = masking.pad_to_capacity(vis, cap)
+        shapes.add((pad.total, pad.batch_size, pad.max_seqlen, pad.uniform))
+        got = rows_of(pad)
+        assert got[:B] == rows_of(vis)
+        assert sum(len(r) for r in got[B:]) == cap.tokens - vis.total
+        for r in got[B:]:
+            assert len(r) <= cap.max_seqlen and r == list(range(len(r)))  # valid ids: max_seqlen <= N
+        assert vis.max_seqlen <= cap.max_seqlen
+    assert shapes == {(cap.tokens, B + cap.fillers, cap.max_seqlen, False)}
+
+
+def test_pad_to_capacity_rejects_a_layout_that_does_not_fit():
+    cap = masking.static_capacity(4, 8, (0.5, 0.75))
+    with pytest.raises(ValueError, match="does not fit the capacity"):
+        masking.pad_to_capacity(masking.random_patches(4, 8, 0.25), cap)  # keeps more than the range allows
+    with pytest.raises(ValueError, match="batch 5"):
+        masking.pad_to_capacity(masking.random_patches(5, 8, 0.6), cap)
