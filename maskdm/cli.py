@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import compare
+
 __all__ = ["main"]
 
 
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="results JSON (default: eval-<backbone>-<step>.json beside the ckpt)")
 
     sub.add_parser("info", help="versions, kernel backends, GPU")
+    compare.add_arguments(sub.add_parser("compare", help="FID against wall-clock of several configs at one budget"))
     return p
 
 
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
 
-    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info}
+    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "compare": compare.main}
     try:
         return handlers[args.cmd](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:

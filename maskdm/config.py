@@ -41,6 +41,7 @@ class DataConfig:
     root: str | None = None  # fashion_mnist: default /usr/share/datasets/fashion-mnist; folder: required
     split: Literal["train", "test"] = "train"  # fashion_mnist only
     image_size: int = 32  # fashion_mnist: 28x28 padded to 32x32 (then resized if not 32)
+    resample: Literal["bilinear", "bicubic"] = "bilinear"  # fashion_mnist's resize when image_size != 32
     channels: int | None = None  # None: 1 for fashion_mnist, 3 for folder; folder images convert to L or RGB
     subset: float = 1.0  # deterministic fraction of the images kept (the 10%-data transfer setting)
     subset_seed: int = 0
@@ -79,6 +80,8 @@ class StageConfig:
     # Wall-clock cap: the stage ends early (checkpoint, grid, next stage) once it has run this long. Keeps a
     # demo inside a time limit on a loaded machine; the run is then no longer a pure function of the config.
     max_minutes: float | None = None
+    # `maskdm compare`: this stage's share of the arm's budget; null: an equal share of what the others leave.
+    budget_fraction: float | None = None
 
 
 @dataclass
@@ -211,6 +214,8 @@ def _validate(cfg: Config) -> None:
         _check(0.0 <= s.ema_decay < 1.0, f"{k}.ema_decay", s.ema_decay, "a number in [0, 1)")
         _check(s.max_minutes is None or s.max_minutes > 0, f"{k}.max_minutes", s.max_minutes,
                "a positive number or null")
+        _check(s.budget_fraction is None or 0.0 < s.budget_fraction <= 1.0, f"{k}.budget_fraction",
+               s.budget_fraction, "a fraction in (0, 1] or null")
         ratios = s.mask_ratio if isinstance(s.mask_ratio, tuple) else (s.mask_ratio,)
         _check(all(0.0 <= r < 1.0 for r in ratios) and ratios[0] <= ratios[-1], f"{k}.mask_ratio", s.mask_ratio,
                "a masked fraction in [0, 1) or a [low, high] pair with low <= high")

@@ -88,8 +88,10 @@ def _read_idx_images(path: Path) -> np.ndarray:
     return arr.reshape(n, rows, cols)
 
 
-def load_fashion_mnist(root: str | None = None, split: str = "train", image_size: int = 32) -> Tensor:
-    """Fashion-MNIST images as uint8 ``(N, 1, S, S)``: 28x28 zero-padded to 32x32, resized if ``S != 32``.
+def load_fashion_mnist(root: str | None = None, split: str = "train", image_size: int = 32,
+                       resample: str = "bilinear") -> Tensor:
+    """Fashion-MNIST images as uint8 ``(N, 1, S, S)``: 28x28 zero-padded to 32x32, resized (``resample``:
+    bilinear or bicubic, antialiased) if ``S != 32``.
 
     Looks for ``{train,t10k}-images-idx3-ubyte[.gz]`` in ``root`` (default: Debian's
     ``dataset-fashion-mnist`` location, ``/usr/share/datasets/fashion-mnist``).
@@ -107,7 +109,7 @@ def load_fashion_mnist(root: str | None = None, split: str = "train", image_size
     arr = torch.from_numpy(_read_idx_images(path).copy())[:, None]  # (N, 1, 28, 28)
     arr = F.pad(arr, (2, 2, 2, 2))  # (N, 1, 32, 32), background 0 -> -1 in model range
     if image_size != 32:
-        arr = F.interpolate(arr.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
+        arr = F.interpolate(arr.float(), size=(image_size, image_size), mode=resample, antialias=True,
                             align_corners=False).round().clamp(0, 255).to(torch.uint8)
     return arr.contiguous()
 
@@ -194,7 +196,7 @@ def build_dataset(cfg: DataConfig) -> ImageTensorDataset:
     if cfg.dataset == "fashion_mnist":
         if cfg.channels not in (None, 1):
             raise ValueError(f"data.channels={cfg.channels}: Fashion-MNIST is grayscale (1 channel)")
-        images = load_fashion_mnist(cfg.root, cfg.split, cfg.image_size)
+        images = load_fashion_mnist(cfg.root, cfg.split, cfg.image_size, cfg.resample)
         name = f"fashion_mnist/{cfg.split}"
     else:
         images = load_image_folder(cfg.root, cfg.image_size, cfg.channels or 3, cfg.cache_dir)

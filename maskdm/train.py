@@ -313,10 +313,12 @@ def check_tensorboard(enabled: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(cfg: Config, resume: bool = False, log=print, on_step=None, evaluate: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, on_stage=None) -> dict:
     """Run every stage of ``cfg``; returns a summary (paths, steps, whether it was interrupted).
 
-    ``on_step(step)``, if given, is called on every rank after each optimizer step (``step`` counts from 1).
+    ``on_step(step)``, if given, is called on every rank after each optimizer step (``step`` counts from 1); a
+    true return value ends the current stage there (as its ``max_minutes`` would: ``maskdm compare``'s budget).
+    ``on_stage(index, stage, ema_model)``, if given, is called as each stage's first step is about to run.
     ``evaluate``: afterwards sample and score (``cfg.eval``) on every rank, see ``evaluate_after_training``.
     ``overwrite``: delete ``train.out_dir`` first (a fresh run where an old one was).
     """
@@ -334,7 +336,7 @@ def train(cfg: Config, resume: bool = False, log=print, on_step=None, evaluate: 
             if d.world > 1:
                 dist.barrier(group=d.ctrl)
         with _StopFlag() as stop:
-            summary = _train(cfg, resume, d, stop, log, on_step)
+            summary = _train(cfg, resume, d, stop, log, on_step, on_stage)
         if evaluate and not summary["interrupted"]:
             t0 = time.time()
             summary.update(evaluate_after_training(cfg, summary, d, log))
@@ -345,7 +347,7 @@ def train(cfg: Config, resume: bool = False, log=print, on_step=None, evaluate: 
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) -> dict:
+def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step, on_stage=None) -> dict:
     tr = cfg.train
     if tr.threads:
         torch.set_num_threads(tr.threads)
@@ -464,6 +466,8 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
 
             bar = tqdm(total=stage.steps, initial=local, desc=stage.name, unit="step", mininterval=1.0,
                        dynamic_ncols=True)
+        if on_stage is not None:
+            on_stage(si, stage, ema.model)
         t_stage = time.monotonic()
         win_loss = torch.zeros((), device=d.device)
         win_n, win_t = 0, time.perf_counter()
@@ -489,10 +493,9 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
             optimizer_steps += 1
             win_loss += loss.detach().float()
             win_n += 1
-            if on_step is not None:
-                on_step(step)
+            ended = bool(on_step(step)) if on_step is not None else False
             done = local + 1 == stage.steps
-            over_time = stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
+            over_time = ended or stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
             signalled, timed_out = _agree_stop(stop, d, over_time)  # the same on every rank
             timed_out = timed_out and not done
             if step % tr.log_every == 0 or done or signalled or timed_out:
@@ -517,7 +520,9 @@ def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step) ->
                 interrupted = stop.signum or signal.SIGTERM
                 break
             if timed_out:
-                log(f"[train] stage '{stage.name}' reached max_minutes={stage.max_minutes:g} after {local + 1} of "
+                why = "on_step ended it" if ended or stage.max_minutes is None else \
+                    f"reached max_minutes={stage.max_minutes:g}"
+                log(f"[train] stage '{stage.name}' {why} after {local + 1} of "
                     f"{stage.steps} steps; moving on")
                 truncated[stage.name] = local + 1
                 step = end  # the next stage starts where it would have
