@@ -3,23 +3,24 @@
     maskdm train --config configs/fashion_mnist_quick.yaml [key=value ...] [--resume]
     torchrun --nproc_per_node 8 -m maskdm train --config configs/celebahq256_b_pretrain90.yaml
 
+Where things are: this file draws each step's inputs and runs the stages (resume, logging and checkpoint points,
+signals); ``step.py`` is the device work of one step; ``distributed.py`` the process set-up; ``metrics.py`` the
+on-device loss window and ``metrics.jsonl``; ``run_dir.py`` the run folder's marker and lock; ``checkpoint.py``
+the checkpoint files; ``ema.py`` the EMA and its schedules.
+
 Determinism: every random draw of step ``s`` (timesteps, noise, flips, masks) comes from generators seeded
 by ``(seed, s)`` over the *global* batch, and each rank keeps its share (positions ``rank::world``), matching
 the batch ``DistributedSampler`` gives it. The data order is a pure function of ``(seed, stage, epoch)``.
 So ``--resume`` replays exactly the uninterrupted run, and a run gives the same batches (up to float
 reduction order) on 1 or N processes with the same global batch.
 
-DDP: the model is wrapped in ``DistributedDataParallel`` and every forward of the loss goes through the
-wrapper (``_Denoiser`` routes the packed-token path through ``DDP.forward``), so gradients are all-reduced.
+Divergence: a non-finite loss or gradient norm stops the run with ``DivergedError``. It is checked where the loop
+reads the device anyway (every ``train.log_every`` steps, and before each checkpoint or sample grid), so no
+non-finite checkpoint is ever written and the last good ones are kept.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
-import json
-import os
 import random
 import signal
 import time
@@ -27,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from maskdm_kernels import Visible
 
@@ -36,13 +36,23 @@ from . import checkpoint as ckpt_io
 from . import masking
 from .config import Config, StageConfig
 from .data import BatchPlan, build_dataset, infinite_batches, to_model_range
+from .distributed import Dist, StopFlag, agree_stop, barrier, check_ranks_identical, on_main, setup, teardown
+from .ema import EMA, ema_decay
+from .metrics import MetricsLog, Window, check_tensorboard, plot_loss
+from .run_dir import prepare_run_dir
 from .sample import build_model, generate, make_diffusion, save_grid
+from .step import Denoiser, TrainStep
 
-__all__ = ["step_generator", "train"]
+__all__ = ["DivergedError", "evaluate_after_training", "make_mask", "step_generator", "step_inputs", "train"]
 
 _MASK64 = (1 << 63) - 1
 
 
+class DivergedError(RuntimeError):
+    """A non-finite loss or gradient norm; the message names the stage, the steps and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------- step inputs
 def _mix(*xs: int) -> int:
     """A 63-bit seed from integers (splitmix64 finaliser over a running hash)."""
     h = 0x9E3779B97F4A7C15
@@ -59,74 +69,6 @@ def step_generator(seed: int, step: int, stream: int, device) -> torch.Generator
     return torch.Generator(device=device).manual_seed(_mix(seed, step, stream))
 
 
-# ------------------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    ctrl: object = None  # a gloo group for host-side control messages (stop flag)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup(device_pref: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    if want_cuda and local >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK={local} but {torch.cuda.device_count()} CUDA device(s) are visible: run one "
-                           f"process per GPU (torchrun --nproc_per_node {torch.cuda.device_count()}), or set "
-                           f"train.device=cpu")
-    if want_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    ctrl = None
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo",
-                                    device_id=device if want_cuda else None)
-        ctrl = dist.new_group(backend="gloo") if want_cuda else dist.group.WORLD
-    return Dist(rank, world, local, device, ctrl)
-
-
-class _Denoiser(nn.Module):
-    """The module DDP wraps: one ``forward`` for both entry points of ``MaskedViT``, so the masked path
-    (``forward_tokens``) also runs inside ``DDP.forward`` and its gradients are all-reduced."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, inputs: Tensor, t: Tensor, vis: Visible | None = None, tokens: bool = False, **kw) -> Tensor:
-        if tokens:
-            return self.net.forward_tokens(inputs, t, vis, **kw)
-        return self.net(inputs, t, vis, **kw)
-
-
-class _LossView:
-    """What ``GaussianDiffusion.loss`` calls: both of its model calls go through ``module`` (DDP or not)."""
-
-    def __init__(self, module: nn.Module, net: nn.Module):
-        self.module = module
-        self.patch_size = net.patch_size
-
-    def __call__(self, x: Tensor, t: Tensor, **kw) -> Tensor:
-        return self.module(x, t, **kw)
-
-    def forward_tokens(self, tokens: Tensor, t: Tensor, vis: Visible, **kw) -> Tensor:
-        return self.module(tokens, t, vis, tokens=True, **kw)
-
-
-# ------------------------------------------------------------------------------------------------- inputs
 def _rows(vis: Visible, rank: int, world: int) -> Visible:
     """Samples ``rank::world`` of a layout."""
     if world == 1:
@@ -170,148 +112,69 @@ def step_inputs(seed: int, step: int, stage: StageConfig, global_batch: int, sha
     return t[r::w].contiguous(), noise[r::w].contiguous(), flip, vis
 
 
-# ------------------------------------------------------------------------------------------------- pieces
-class EMA:
-    """Exponential moving average of a model's parameters (fp32), kept as a module for sampling."""
+# ----------------------------------------------------------------------------------------------- the run
+@dataclass
+class _Run:
+    """Everything the stages share; the loop's only mutable state."""
 
-    def __init__(self, model: nn.Module):
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+    cfg: Config
+    d: Dist
+    log: object
+    dataset: object
+    model: nn.Module
+    diffusion: object
+    shape: tuple
+    patch_grid: tuple
+    bf16: bool
+    ema: EMA | None = None
+    module: nn.Module | None = None  # what the forward goes through: Denoiser, or DDP around it
+    logger: MetricsLog | None = None
+    step: int = 0
+    opt_state: dict | None = None
+    opt_stage: int = -1
+    resumed_from: Path | None = None
+    interrupted: int = 0
+    optimizer_steps: int = 0
+    truncated: dict = field(default_factory=dict)
+    last_ckpt: Path | None = None
+    grids: list = field(default_factory=list)
+    boundaries: list = field(default_factory=list)
 
-    def reset(self, model: nn.Module) -> None:
-        self.model.load_state_dict(model.state_dict())
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.out_dir)
 
-    @torch.no_grad()
-    def update(self, model: nn.Module, decay: float) -> None:
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-
-def _lr(stage: StageConfig, local_step: int) -> float:
-    if stage.warmup_steps > 0:
-        return stage.lr * min(1.0, (local_step + 1) / stage.warmup_steps)
-    return stage.lr
-
-
-def _ema_decay(stage: StageConfig, n: int) -> float:
-    return min(stage.ema_decay, (1 + n) / (10 + n)) if stage.ema_warmup else stage.ema_decay
-
-
-def _optimizer(model: nn.Module, stage: StageConfig, device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=tuple(stage.betas),
-                             weight_decay=stage.weight_decay, fused=device.type == "cuda" or None)
-
-
-def _param_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    @property
+    def ckdir(self) -> Path:
+        return self.out / "checkpoints"
 
 
-class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and returns. A second Ctrl-C aborts."""
+@dataclass
+class _Stage:
+    """One stage while it runs."""
 
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
+    index: int
+    cfg: StageConfig
+    start: int
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    plan: BatchPlan
+    data_seed: int
+    window: Window
+    stop: StopFlag
+    on_step: object = None
+    bar: object = None
+    t0: float = field(default_factory=time.monotonic)
 
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+    @property
+    def end(self) -> int:
+        return self.start + self.cfg.steps
 
 
-class _Log:
-    """metrics.jsonl (+ TensorBoard) on rank 0."""
-
-    def __init__(self, out: Path, resume_step: int | None, tensorboard: bool, main: bool):
-        self.main = main
-        self.path = out / "metrics.jsonl"
-        self.tb = None
-        if not main:
-            return
-        if resume_step is not None and self.path.is_file():  # drop what the interrupted run logged past the ckpt
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        elif self.path.is_file():
-            self.path.unlink()
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
-
-    def write(self, rec: dict) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
-def plot_loss(metrics_path: Path, out_png: Path, boundaries: list[tuple[int, str]] = ()) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not metrics_path.is_file():
-        return None
-    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    recs = [r for r in recs if "loss" in r]
-    if not recs:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for name in dict.fromkeys(r["stage"] for r in recs):
-        pts = [(r["step"], r["loss"]) for r in recs if r["stage"] == name]
-        ax.plot(*zip(*pts), label=name, lw=1)
-    for step, name in boundaries:
-        ax.axvline(step, color="gray", ls="--", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (visible patches)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
-
-
-def check_tensorboard(enabled: bool) -> None:
-    if enabled:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise RuntimeError("train.tensorboard=true needs the tensorboard package: "
-                               "pip install tensorboard") from None
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 def train(cfg: Config, resume: bool = False, log=print, on_step=None, evaluate: bool = False,
           overwrite: bool = False, on_stage=None) -> dict:
     """Run every stage of ``cfg``; returns a summary (paths, steps, whether it was interrupted).
@@ -320,246 +183,282 @@ def train(cfg: Config, resume: bool = False, log=print, on_step=None, evaluate: 
     true return value ends the current stage there (as its ``max_minutes`` would: ``maskdm compare``'s budget).
     ``on_stage(index, stage, ema_model)``, if given, is called as each stage's first step is about to run.
     ``evaluate``: afterwards sample and score (``cfg.eval``) on every rank, see ``evaluate_after_training``.
-    ``overwrite``: delete ``train.out_dir`` first (a fresh run where an old one was).
+    ``overwrite``: empty ``train.out_dir`` first, if it is a maskdm run folder (see ``run_dir.py``).
     """
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     check_tensorboard(cfg.train.tensorboard)
-    d = _setup(cfg.train.device)
-    log = log if d.main else (lambda *a, **k: None)
+    d = setup(cfg.train.device)
+    log = log if d.main else _quiet
+    lock = None
     try:
-        if overwrite:
-            if d.main and Path(cfg.train.out_dir).exists():
-                import shutil
-
-                shutil.rmtree(cfg.train.out_dir)
-            if d.world > 1:
-                dist.barrier(group=d.ctrl)
-        with _StopFlag() as stop:
-            summary = _train(cfg, resume, d, stop, log, on_step, on_stage)
+        lock = on_main(d, prepare_run_dir, cfg.train.out_dir, resume, overwrite, log, share=False)
+        with StopFlag() as stop:
+            run = _start(cfg, d, resume, log)
+            summary = _run_stages(run, stop, on_step, on_stage)
         if evaluate and not summary["interrupted"]:
             t0 = time.time()
             summary.update(evaluate_after_training(cfg, summary, d, log))
             summary["eval_seconds"] = round(time.time() - t0, 1)
         return summary
     finally:
-        if d.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+        teardown(d)
 
 
-def _train(cfg: Config, resume: bool, d: Dist, stop: _StopFlag, log, on_step, on_stage=None) -> dict:
+def _start(cfg: Config, d: Dist, resume: bool, log) -> _Run:
+    """Build the data, model and EMA; resume or initialise; write config.yaml; wrap for DDP."""
     tr = cfg.train
     if tr.threads:
         torch.set_num_threads(tr.threads)
     for i, s in enumerate(cfg.stages):
         if s.batch_size % d.world:
             raise ValueError(f"stages[{i}].batch_size={s.batch_size} must be divisible by the {d.world} processes")
-    out = Path(tr.out_dir)
-    ckdir = out / "checkpoints"
-    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and d.device.type == "cuda")
-
     dataset = build_dataset(cfg.data)
-    channels = dataset.channels
     torch.manual_seed(tr.seed)
-    model = build_model(cfg, channels).to(d.device)
-    diffusion = make_diffusion(cfg)
-    shape = (channels, cfg.data.image_size, cfg.data.image_size)
-    grid = model.grid_size
-
-    step, opt_state, opt_stage, resumed_from = 0, None, -1, None
-    existing = ckpt_io.list_checkpoints(ckdir)
-    if resume and existing:
-        resumed_from = existing[-1]
-        model.load_state_dict(ckpt_io.load_weights(resumed_from, "online", d.device))
-        state = ckpt_io.load_state(resumed_from)
-        step, opt_state, opt_stage = int(state["step"]), state["optimizer"], int(state["stage"])
-        _restore_rng(state.get("rng", {}), d)
-        changed = _diff(ckpt_io.load_config_dict(resumed_from), cfg.to_dict())
-        if changed:
-            log(f"[train] warning: resuming with a config that differs from the checkpoint's in {', '.join(changed)}; "
-                f"the run is no longer the uninterrupted one")
-    elif existing and not resume:
-        raise FileExistsError(f"{ckdir} already holds checkpoints (newest {existing[-1].name}); pass --resume to "
-                              f"continue that run, or set train.out_dir to a new folder")
-    elif tr.init_from:
-        src = tr.init_from
-        model.load_state_dict(ckpt_io.load_weights(src, tr.init_weights, d.device))
-        log(f"[train] initialised from {src} ({tr.init_weights} weights)")
-    ema = EMA(model)
-    if resumed_from is not None:
-        ema.model.load_state_dict(ckpt_io.load_weights(resumed_from, "ema", d.device))
-        log(f"[train] resuming from {resumed_from} at step {step}")
-    elif resume:
-        log(f"[train] --resume: no checkpoint in {ckdir}, starting from step 0")
-
+    model = build_model(cfg, dataset.channels).to(d.device)
+    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and d.device.type == "cuda")
+    run = _Run(cfg, d, log, dataset, model, make_diffusion(cfg), (dataset.channels, cfg.data.image_size,
+               cfg.data.image_size), model.grid_size, bf16)
+    _load_start(run, resume)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    logger = _Log(out, step if resumed_from is not None else None, tr.tensorboard, d.main)
-    module = _Denoiser(model)
+        (run.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run.logger = MetricsLog(run.out, run.step if run.resumed_from is not None else None, tr.tensorboard, d.main)
+    run.module = Denoiser(model)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        module = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    view = _LossView(module, model)
+        run.module = DDP(run.module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     nparams = sum(p.numel() for p in model.parameters())
     log(f"[train] {cfg.model.name}: {nparams / 1e6:.2f}M parameters, {dataset.name}: {len(dataset)} images "
-        f"{shape}, device {d.device} x {d.world} process(es), {'bf16 autocast' if bf16 else 'fp32'}")
+        f"{run.shape}, device {d.device} x {d.world} process(es), {'bf16 autocast' if bf16 else 'fp32'}")
+    return run
 
-    interrupted = 0
-    optimizer_steps = 0
-    truncated: dict[str, int] = {}
-    last_ckpt: Path | None = None
-    grids: list[Path] = []
-    boundaries: list[tuple[int, str]] = []
 
-    def save(si: int, local: int, optimizer) -> Path | None:
-        nonlocal last_ckpt
-        if d.main:
-            plan_len = plan.__len__()
-            state = {"step": step, "stage": si, "stage_step": local, "optimizer": optimizer.state_dict(),
-                     "rng": _rng_state(d), "world_size": d.world,
-                     "data": {"stage": si, "epoch": local // plan_len, "batch_in_epoch": local % plan_len,
-                              "seed": data_seed, "global_batch": stage.batch_size}}
-            last_ckpt = ckpt_io.save_checkpoint(ckdir, step, model.state_dict(), ema.model.state_dict(), state,
-                                                cfg.to_dict(), keep_last=tr.keep_last,
-                                                meta={"stage": stage.name, "stage_step": local})
-        if d.world > 1:
-            dist.barrier(group=d.ctrl)
-        return last_ckpt
+def _load_start(run: _Run, resume: bool) -> None:
+    """The starting weights: the newest checkpoint that verifies (``resume``), ``train.init_from``, or the
+    seeded initialisation."""
+    tr, d = run.cfg.train, run.d
+    existing = ckpt_io.list_checkpoints(run.ckdir)
+    if existing and not resume:
+        raise FileExistsError(f"{run.ckdir} already holds checkpoints (newest {existing[-1].name}); pass --resume "
+                              f"to continue that run, --overwrite to start it over, or set train.out_dir to a new "
+                              f"folder")
+    if existing:
+        ck = Path(on_main(d, _newest_verified, run))
+        _resume_from(run, ck)
+        return
+    if resume:
+        run.log(f"[train] --resume: no checkpoint in {run.ckdir}, starting from step 0")
+    if tr.init_from:
+        src = tr.init_from
+        ckpt_io.load_into(run.model, ckpt_io.load_weights(src, tr.init_weights, d.device), src)
+        run.log(f"[train] initialised from {src} ({tr.init_weights} weights)")
+    run.ema = EMA(run.model)
 
-    def sample_grid(tag: str) -> None:
-        if not d.main:
-            return
-        x = generate(ema.model, diffusion, tr.sample_num, sampler="ddim", steps=tr.sample_steps, eta=tr.sample_eta,
-                     batch_size=min(tr.sample_num, 256), seed=tr.seed, device=d.device, autocast=bf16)
-        grids.append(save_grid(x, out / "samples" / f"{tag}.png"))
 
-    for si, stage in enumerate(cfg.stages):
-        start = cfg.stage_start(si)
-        end = start + stage.steps
-        boundaries.append((start, stage.name))
-        if step >= end or stage.steps == 0:
+def _newest_verified(run: _Run) -> str:
+    return str(ckpt_io.newest_verified(run.ckdir, warn=run.log))
+
+
+def _resume_from(run: _Run, ck: Path) -> None:
+    dev = run.d.device
+    ckpt_io.load_into(run.model, ckpt_io.load_weights(ck, "online", dev, verify=False), ck / "model.safetensors")
+    run.ema = EMA(run.model)
+    ckpt_io.load_into(run.ema.model, ckpt_io.load_weights(ck, "ema", dev, verify=False), ck / "ema.safetensors")
+    state = ckpt_io.load_state(ck)
+    run.step, run.opt_state, run.opt_stage = int(state["step"]), state["optimizer"], int(state["stage"])
+    run.resumed_from = ck
+    _restore_rng(state.get("rng", {}), run.d)
+    changed = _diff(ckpt_io.load_config_dict(ck), run.cfg.to_dict())
+    if changed:
+        run.log(f"[train] warning: resuming with a config that differs from the checkpoint's in "
+                f"{', '.join(changed)}; the run is no longer the uninterrupted one")
+    run.log(f"[train] resuming from {ck} at step {run.step}")
+
+
+def _run_stages(run: _Run, stop: StopFlag, on_step, on_stage) -> dict:
+    for si, stage in enumerate(run.cfg.stages):
+        start = run.cfg.stage_start(si)
+        run.boundaries.append((start, stage.name))
+        if run.step >= start + stage.steps or stage.steps == 0:
             continue
-        local = step - start
-        fresh = opt_state is None or opt_stage != si
-        if fresh and local == 0 and si > 0 and stage.init_weights == "ema":
-            model.load_state_dict(ema.model.state_dict())
-        if fresh and local == 0:
-            ema.reset(model)
-        optimizer = _optimizer(model, stage, d.device)
-        if not fresh:
-            optimizer.load_state_dict(opt_state)
-        opt_state = None
-        data_seed = _mix(tr.seed, si) & 0x7FFFFFFF
-        plan = BatchPlan(len(dataset), stage.batch_size // d.world, data_seed, d.rank, d.world)
-        batches = infinite_batches(dataset, plan, local, cfg.data.num_workers, d.device.type == "cuda")
-        masked = "full images" if stage.mask == "none" else f"{stage.mask} mask {stage.mask_ratio}" + (
-            f", block {stage.block_size}" if stage.mask == "block" else "")
-        log(f"[train] stage {si} '{stage.name}': steps {start}..{end} ({masked}), batch {stage.batch_size}, "
-            f"lr {stage.lr:g}, {len(plan)} steps/epoch")
-        bar = None
-        if d.main and tr.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=stage.steps, initial=local, desc=stage.name, unit="step", mininterval=1.0,
-                       dynamic_ncols=True)
+        st = _begin_stage(run, si, stage, stop, on_step)
         if on_stage is not None:
-            on_stage(si, stage, ema.model)
-        t_stage = time.monotonic()
-        win_loss = torch.zeros((), device=d.device)
-        win_n, win_t = 0, time.perf_counter()
-        autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        for local, batch in batches:
-            if local >= stage.steps:
-                break
-            lr = _lr(stage, local)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            t, noise, flip, vis = step_inputs(tr.seed, step, stage, stage.batch_size, shape, grid,
-                                              diffusion.num_timesteps, cfg.data.hflip, d)
-            x0 = to_model_range(batch, d.device, flip)
-            with autocast:
-                loss = diffusion.loss(view, x0, vis, t=t, noise=noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip) if stage.grad_clip > 0 \
-                else None
-            optimizer.step()
-            ema.update(model, _ema_decay(stage, local))
-            step += 1
-            optimizer_steps += 1
-            win_loss += loss.detach().float()
-            win_n += 1
-            ended = bool(on_step(step)) if on_step is not None else False
-            done = local + 1 == stage.steps
-            over_time = ended or stage.max_minutes is not None and time.monotonic() - t_stage > 60 * stage.max_minutes
-            signalled, timed_out = _agree_stop(stop, d, over_time)  # the same on every rank
-            timed_out = timed_out and not done
-            if step % tr.log_every == 0 or done or signalled or timed_out:
-                if d.world > 1:
-                    dist.all_reduce(win_loss)
-                    win_loss /= d.world
-                now = time.perf_counter()
-                ips = win_n * stage.batch_size / max(now - win_t, 1e-9)
-                rec = {"step": step, "stage": stage.name, "loss": float(win_loss) / win_n, "lr": lr,
-                       "img_per_s": round(ips, 1), "time": round(time.time(), 3)}
-                if gnorm is not None:
-                    rec["grad_norm"] = float(gnorm)
-                logger.write(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{ips:.0f}", refresh=False)
-                win_loss.zero_()
-                win_n, win_t = 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-            if signalled:
-                save(si, local + 1, optimizer)
-                interrupted = stop.signum or signal.SIGTERM
-                break
-            if timed_out:
-                why = "on_step ended it" if ended or stage.max_minutes is None else \
-                    f"reached max_minutes={stage.max_minutes:g}"
-                log(f"[train] stage '{stage.name}' {why} after {local + 1} of "
-                    f"{stage.steps} steps; moving on")
-                truncated[stage.name] = local + 1
-                step = end  # the next stage starts where it would have
-                break
-            if not done and tr.sample_every and step % tr.sample_every == 0:
-                sample_grid(f"step_{step:08d}")
-            if not done and tr.ckpt_every and step % tr.ckpt_every == 0:
-                save(si, local + 1, optimizer)
-        batches.close()
-        if bar is not None:
-            bar.close()
-        if interrupted:
-            log(f"[train] stopped by signal {interrupted} at step {step}; checkpoint {last_ckpt}")
+            on_stage(si, stage, run.ema.model)
+        _run_stage(run, st)
+        if run.interrupted:
+            run.log(f"[train] stopped by signal {run.interrupted} at step {run.step}; checkpoint {run.last_ckpt}")
             break
-        save(si, stage.steps, optimizer)
-        sample_grid(f"{stage.name}_end_step_{step:08d}")
-        grid = grids[-1] if grids else "-"
-        log(f"[train] stage '{stage.name}' done at step {step}: checkpoint {last_ckpt}, grid {grid}")
+    return _finish(run)
 
-    summary = {"out_dir": str(out), "step": step, "interrupted": int(interrupted), "checkpoint": str(last_ckpt),
-               "metrics": str(logger.path), "grids": [str(g) for g in grids], "world_size": d.world,
-               "optimizer_steps_this_run": optimizer_steps, "stages_cut_by_time": truncated}
-    logger.close()
+
+def _begin_stage(run: _Run, si: int, stage: StageConfig, stop: StopFlag, on_step) -> _Stage:
+    """The stage's optimizer (restored when resuming inside it), its data plan and its step."""
+    cfg, d = run.cfg, run.d
+    start = cfg.stage_start(si)
+    local = run.step - start
+    fresh = run.opt_state is None or run.opt_stage != si
+    if fresh and local == 0 and si > 0 and stage.init_weights == "ema":
+        run.model.load_state_dict(run.ema.model.state_dict())
+    if fresh and local == 0:
+        run.ema.reset(run.model)
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=stage.lr, betas=tuple(stage.betas),
+                                  weight_decay=stage.weight_decay, fused=d.device.type == "cuda" or None)
+    if not fresh:
+        try:
+            optimizer.load_state_dict(run.opt_state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt_io.CheckpointError(f"{run.resumed_from / 'state.pt'}: its optimizer state does not fit this "
+                                          f"model and stage ({' '.join(str(e).split())})") from None
+    run.opt_state = None
+    data_seed = _mix(cfg.train.seed, si) & 0x7FFFFFFF
+    plan = BatchPlan(len(run.dataset), stage.batch_size // d.world, data_seed, d.rank, d.world)
+    step = TrainStep(run.model, run.module, run.diffusion, optimizer, run.ema, stage.grad_clip, run.bf16)
+    masked = "full images" if stage.mask == "none" else f"{stage.mask} mask {stage.mask_ratio}" + (
+        f", block {stage.block_size}" if stage.mask == "block" else "")
+    run.log(f"[train] stage {si} '{stage.name}': steps {start}..{start + stage.steps} ({masked}), batch "
+            f"{stage.batch_size}, lr {stage.lr:g}, ema {stage.ema_schedule} {stage.ema_decay:g}, {len(plan)} "
+            f"steps/epoch")
+    bar = None
+    if d.main and cfg.train.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stage.steps, initial=local, desc=stage.name, unit="step", mininterval=1.0,
+                   dynamic_ncols=True)
+    return _Stage(si, stage, start, optimizer, step, plan, data_seed, Window(d.device), stop, on_step, bar)
+
+
+def _run_stage(run: _Run, st: _Stage) -> None:
+    st.t0 = time.monotonic()  # the stage's time cap counts from here
+    batches = infinite_batches(run.dataset, st.plan, run.step - st.start, run.cfg.data.num_workers,
+                               run.d.device.type == "cuda")
+    try:
+        for local, batch in batches:
+            if local >= st.cfg.steps or _one_step(run, st, local, batch):
+                break
+    finally:
+        batches.close()
+        if st.bar is not None:
+            st.bar.close()
+    if run.interrupted:
+        return
+    _save(run, st, st.cfg.steps)
+    _sample_grid(run, f"{st.cfg.name}_end_step_{run.step:08d}", st)
+    run.log(f"[train] stage '{st.cfg.name}' done at step {run.step}: checkpoint {run.last_ckpt}, grid "
+            f"{run.grids[-1] if run.grids else '-'}")
+
+
+def _one_step(run: _Run, st: _Stage, local: int, batch) -> bool:
+    """One optimizer step and what follows it (log, signals, time cap, grids, checkpoints). True: leave the
+    stage."""
+    cfg, d, stage = run.cfg, run.d, st.cfg
+    lr = stage.lr * min(1.0, (local + 1) / stage.warmup_steps) if stage.warmup_steps > 0 else stage.lr
+    t, noise, flip, vis = step_inputs(cfg.train.seed, run.step, stage, stage.batch_size, run.shape, run.patch_grid,
+                                      run.diffusion.num_timesteps, cfg.data.hflip, d)
+    res = st.step(to_model_range(batch, d.device, flip), t, noise, vis, lr,
+                  ema_decay(stage.ema_schedule, stage.ema_decay, local))
+    st.window.add(res.loss, res.grad_norm)
+    run.step += 1
+    run.optimizer_steps += 1
+    ended = bool(st.on_step(run.step)) if st.on_step is not None else False
+    done = local + 1 == stage.steps
+    over_time = ended or stage.max_minutes is not None and time.monotonic() - st.t0 > 60 * stage.max_minutes
+    signalled, timed_out = agree_stop(st.stop, d, over_time)  # the same on every rank
+    timed_out = timed_out and not done
+    if run.step % cfg.train.log_every == 0 or done or signalled or timed_out:
+        _log_window(run, st, lr)
+    if st.bar is not None:
+        st.bar.update(1)
+    if signalled:
+        _save(run, st, local + 1)
+        run.interrupted = st.stop.signum or signal.SIGTERM
+        return True
+    if timed_out:
+        why = "on_step ended it" if ended or stage.max_minutes is None else \
+            f"reached max_minutes={stage.max_minutes:g}"
+        run.log(f"[train] stage '{stage.name}' {why} after {local + 1} of {stage.steps} steps; moving on")
+        run.truncated[stage.name] = local + 1
+        run.step = st.end  # the next stage starts where it would have
+        return True
+    if not done and cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
+        _sample_grid(run, f"step_{run.step:08d}", st)
+    if not done and cfg.train.ckpt_every and run.step % cfg.train.ckpt_every == 0:
+        _save(run, st, local + 1)
+    return False
+
+
+def _log_window(run: _Run, st: _Stage, lr: float) -> None:
+    """Write the window's record (the loop's one host sync per log_every steps); stop if it went non-finite."""
+    first = run.step - st.window.n + 1
+    rec, bad = st.window.flush(run.d, run.step, st.cfg.name, lr, st.cfg.batch_size)
+    run.logger.write(rec)
+    if st.bar is not None:
+        st.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}", refresh=False)
+    if bad:
+        _diverged(run, st, first, f"loss {rec['loss']:.4g} over the window, grad norm {rec['grad_norm']:.4g} at its "
+                                  f"end")
+
+
+def _guard(run: _Run, st: _Stage) -> None:
+    """Before anything is written from the weights: stop if a step since the last log point went non-finite."""
+    if st.window.nonfinite(run.d):
+        _diverged(run, st, run.step - st.window.n + 1, "found before writing a checkpoint or grid")
+
+
+def _diverged(run: _Run, st: _Stage, first: int, detail: str) -> None:
+    good = ckpt_io.list_checkpoints(run.ckdir)
+    i = st.index
+    raise DivergedError(f"training diverged in stage '{st.cfg.name}': a non-finite loss or gradient norm between "
+                        f"steps {first} and {run.step} ({detail}); stopped without saving, the newest good "
+                        f"checkpoint is {good[-1] if good else 'none'}; lower stages[{i}].lr or set "
+                        f"stages[{i}].grad_clip, then --resume")
+
+
+def _save(run: _Run, st: _Stage, local: int) -> None:
+    """A checkpoint at the current step (``local`` steps into the stage), written by rank 0."""
+    _guard(run, st)
+    run.last_ckpt = Path(on_main(run.d, _write_checkpoint, run, st, local))
+    barrier(run.d)
+
+
+def _write_checkpoint(run: _Run, st: _Stage, local: int) -> str:
+    n = len(st.plan)
+    state = {"step": run.step, "stage": st.index, "stage_step": local, "optimizer": st.optimizer.state_dict(),
+             "rng": _rng_state(run.d), "world_size": run.d.world,
+             "data": {"stage": st.index, "epoch": local // n, "batch_in_epoch": local % n, "seed": st.data_seed,
+                      "global_batch": st.cfg.batch_size}}
+    tr = run.cfg.train
+    return str(ckpt_io.save_checkpoint(run.ckdir, run.step, run.model.state_dict(), run.ema.model.state_dict(),
+                                       state, run.cfg.to_dict(), keep_last=tr.keep_last,
+                                       meta={"stage": st.cfg.name, "stage_step": local}))
+
+
+def _sample_grid(run: _Run, tag: str, st: _Stage) -> None:
+    _guard(run, st)
+    if not run.d.main:
+        return
+    tr = run.cfg.train
+    x = generate(run.ema.model, run.diffusion, tr.sample_num, sampler="ddim", steps=tr.sample_steps,
+                 eta=tr.sample_eta, batch_size=min(tr.sample_num, 256), seed=tr.seed, device=run.d.device,
+                 autocast=run.bf16)
+    run.grids.append(save_grid(x, run.out / "samples" / f"{tag}.png"))
+
+
+def _finish(run: _Run) -> dict:
+    d = run.d
+    summary = {"out_dir": str(run.out), "step": run.step, "interrupted": int(run.interrupted),
+               "checkpoint": str(run.last_ckpt), "metrics": str(run.logger.path), "grids": [str(g) for g in run.grids],
+               "world_size": d.world, "optimizer_steps_this_run": run.optimizer_steps,
+               "stages_cut_by_time": run.truncated}
+    run.logger.close()
     if d.world > 1:
-        digests = [None] * d.world
-        dist.all_gather_object(digests, _param_digest(model), group=d.ctrl)
-        summary["rank_param_sha256"] = digests
-        summary["ranks_identical"] = len(set(digests)) == 1
-        if d.main:
-            (out / "ddp_check.json").write_text(json.dumps({"step": step, "world_size": d.world,
-                                                            "rank_param_sha256": digests,
-                                                            "ranks_identical": summary["ranks_identical"]}, indent=2))
-        if not summary["ranks_identical"]:
-            raise RuntimeError(f"DDP ranks diverged: parameter digests {digests}")
-        log(f"[train] DDP: the {d.world} ranks hold bit-identical weights (sha256 {digests[0][:16]}...)")
-    if d.main and not interrupted:
-        png = plot_loss(logger.path, out / "loss.png", boundaries[1:])
+        summary.update(check_ranks_identical(run.model, d, run.step, run.out, run.log))
+    if d.main and not run.interrupted:
+        png = plot_loss(run.logger.path, run.out / "loss.png", run.boundaries[1:])
         summary["loss_curve"] = str(png) if png else None
     return summary
 
@@ -572,19 +471,6 @@ def _diff(a, b, path: str = "") -> list[str]:
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [k for i, (x, y) in enumerate(zip(a, b)) for k in _diff(x, y, f"{path}[{i}]")]
     return [] if a == b else [path]
-
-
-def _agree_stop(stop: _StopFlag, d: Dist, over_time: bool) -> tuple[bool, bool]:
-    """(signalled, over time), agreed by all ranks so they stop at the same step: the flags are max-reduced over
-    a host (gloo) group, no GPU sync."""
-    if d.world == 1:
-        return bool(stop.signum), over_time
-    flags = torch.tensor([stop.signum, int(over_time)], dtype=torch.int32)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=d.ctrl)
-    signum, timed_out = (int(f) for f in flags)
-    if signum and not stop.signum:
-        stop.signum = signum
-    return bool(signum), bool(timed_out)
 
 
 def _rng_state(d: Dist) -> dict:
@@ -618,7 +504,7 @@ def evaluate_after_training(cfg: Config, summary: dict, d: Dist | None = None, l
     dataset = build_dataset(cfg.data)
     ck = ckpt_io.find_checkpoint(out)
     model = build_model(cfg, dataset.channels)
-    model.load_state_dict(ckpt_io.load_weights(ck, ev.weights))
+    ckpt_io.load_into(model, ckpt_io.load_weights(ck, ev.weights), ck)
     models = {"trained": model.to(d.device).eval()}
     if ev.baseline_untrained:
         torch.manual_seed(cfg.train.seed)  # the very initial weights of the run

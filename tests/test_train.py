@@ -236,10 +236,10 @@ def test_precision_and_batch_errors(tmp_path):
 
 def test_more_ranks_than_gpus_fails_with_the_fix(monkeypatch):
     """Two processes on a one-GPU machine: say to run one per GPU, before any CUDA call."""
-    from maskdm import train as train_mod
+    from maskdm.distributed import setup
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but 1 CUDA device.*--nproc_per_node 1"):
-        train_mod._setup("auto")
+        setup("auto")
