@@ -30,7 +30,8 @@ from torch import Tensor
 from maskdm_kernels import Visible
 from maskdm_kernels.layout import sample_index
 
-__all__ = ["StaticCapacity", "block_patches", "crop_patches", "pad_to_capacity", "random_patches", "static_capacity"]
+__all__ = ["StaticCapacity", "block_patches", "crop_patches", "pad_batch", "pad_to_capacity", "random_patches",
+           "static_capacity"]
 
 
 def random_patches(batch_size: int, grid_size, ratio, device=None, generator: torch.Generator | None = None
@@ -152,6 +153,24 @@ def pad_to_capacity(vis: Visible, cap: StaticCapacity) -> Visible:
     ends = (torch.arange(1, cap.fillers + 1, device=dev) * k).clamp_max(rest) + T
     cu = torch.cat([vis.cu_seqlens, ends.to(torch.int32)])
     return Visible(torch.cat([vis.ids, fill_ids]), cu, k, vis.num_patches, False)
+
+
+def pad_batch(x0: Tensor, t: Tensor, noise: Tensor, vis: Visible, cap: StaticCapacity,
+              zeros: Tensor | None = None, weight: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Visible, Tensor]:
+    """A varlen batch on its static-capacity layout: ``(x0, t, noise, vis, weight)`` of ``B + F`` samples.
+
+    The ``F`` filler samples get zero images and noise (their tokens are zeros: finite, and every gather index
+    is in bounds), timestep 0 and loss weight 0; the real samples get weight ``(B + F) / B``, so the mean over
+    ``B + F`` samples that ``masked_noise_loss`` takes is the mean over the ``B`` real ones: the same loss and
+    gradients as the exact layout. ``zeros`` ``(F, C, H, W)`` and ``weight`` ``(B + F,)``: cached ones."""
+    B, F = x0.shape[0], cap.fillers
+    if zeros is None:
+        zeros = x0.new_zeros(F, *x0.shape[1:])
+    if weight is None:
+        weight = torch.cat([torch.full((B,), (B + F) / B, device=x0.device), torch.zeros(F, device=x0.device)])
+    return (torch.cat([x0, zeros.to(x0.dtype)]), torch.cat([t, t.new_zeros(F)]),
+            torch.cat([noise, zeros.to(noise.dtype)]), pad_to_capacity(vis, cap), weight)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
