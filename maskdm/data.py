@@ -9,10 +9,14 @@ by the training loop from its per-step generator, not here, for the same reason.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
 import struct
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,23 +43,47 @@ _FMNIST_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-u
 
 
 class ImageTensorDataset(Dataset):
-    """uint8 images ``(N, C, H, W)`` (a tensor or a read-only memory map); items are uint8 ``(C, H, W)``."""
+    """uint8 images ``(N, C, H, W)`` (a tensor or a read-only memory map); items are uint8 ``(C, H, W)``.
 
-    def __init__(self, images, name: str = "images"):
+    ``indices`` (sorted int64) selects a subset without copying a memory-mapped array. Pickling (DataLoader
+    workers under spawn) sends a memory map's file name, not its pixels.
+    """
+
+    def __init__(self, images, name: str = "images", indices: np.ndarray | None = None):
         self.images = images
         self.name = name
+        self.indices = indices
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.images.shape[0] if self.indices is None else len(self.indices))
 
     def __getitem__(self, i: int) -> Tensor:
-        return torch.as_tensor(np.asarray(self.images[i])) if not isinstance(self.images, Tensor) else self.images[i]
+        if self.indices is not None:
+            i = int(self.indices[i])
+        return self.images[i] if isinstance(self.images, Tensor) else torch.from_numpy(np.array(self.images[i]))
 
     def __getitems__(self, idx: list[int]) -> Tensor:
         """A whole batch in one indexing op (the DataLoader uses this when present)."""
         if isinstance(self.images, Tensor):
-            return self.images[torch.as_tensor(idx)]
-        return torch.from_numpy(np.ascontiguousarray(self.images[np.sort(idx)][np.argsort(np.argsort(idx))]))
+            return self.images[torch.as_tensor(idx if self.indices is None else self.indices[idx])]
+        rows = np.asarray(idx, dtype=np.int64)
+        if self.indices is not None:
+            rows = self.indices[rows]
+        order = np.argsort(rows, kind="stable")  # read the map in ascending order, then restore the batch order
+        out = np.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype)
+        out[order] = self.images[rows[order]]
+        return torch.from_numpy(out)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if isinstance(self.images, np.memmap) and self.images.filename:
+            state["images"] = ("npy", self.images.filename)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["images"], tuple) and state["images"][0] == "npy":
+            state["images"] = np.load(state["images"][1], mmap_mode="r")
+        self.__dict__.update(state)
 
     @property
     def channels(self) -> int:
@@ -114,27 +142,49 @@ def load_fashion_mnist(root: str | None = None, split: str = "train", image_size
     return arr.contiguous()
 
 
-def _image_files(root: Path) -> list[Path]:
+def _image_files(root: Path) -> list[str]:
+    """Relative paths (strings: ~60 bytes each, not Path objects) of every image under ``root``, sorted."""
     from PIL import Image
 
     exts = {e.lower() for e in Image.registered_extensions()}
-    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts]
-    return sorted(files, key=lambda p: str(p.relative_to(root)))
+    files = []
+    for dirpath, _, names in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        files.extend(n if rel == "." else os.path.join(rel, n) for n in names if os.path.splitext(n)[1].lower() in exts)
+    return sorted(files)
 
 
 def _decode(path: Path, size: int, mode: str) -> np.ndarray:
+    """One image as uint8 ``(C, size, size)``: short side resized (bicubic) to ``size``, then center-cropped."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert(mode)
-        w, h = im.size
-        scale = size / min(w, h)  # resize the short side to `size`, then center-crop
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None if scale > 0.5 else 3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None if scale > 0.5 else 3.0)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:  # what PIL raises
+        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e} (remove or replace the file)") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _decode_chunk(npy: str, offset: int, root: str, files: list[str], first: int, size: int, mode: str) -> int:
+    """Worker: decode ``files`` and write them as images ``first, first + 1, ...`` of the ``.npy`` at ``npy``
+    (pixel data starting at byte ``offset``) with ``os.pwrite``: the pixels go to the page cache, never into
+    this process's resident memory beyond one image."""
+    fd = os.open(npy, os.O_WRONLY)
+    try:
+        for j, rel in enumerate(files):
+            arr = np.ascontiguousarray(_decode(Path(root) / rel, size, mode))
+            os.pwrite(fd, arr.data, offset + (first + j) * arr.nbytes)
+    finally:
+        os.close(fd)
+    return len(files)
 
 
 def _cache_root(cache_dir: str | None) -> Path:
@@ -144,13 +194,74 @@ def _cache_root(cache_dir: str | None) -> Path:
     return Path(base) / "maskdm"
 
 
-def load_image_folder(root: str, image_size: int, channels: int = 3, cache_dir: str | None = None,
-                      use_cache: bool = True):
-    """Every image under ``root`` (recursive, any format PIL reads), resized (short side) and center-cropped
-    to ``image_size``, as uint8 ``(N, C, S, S)``.
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    Decoded once: the array is cached as ``.npy`` in ``cache_dir`` under a key of (file list, sizes, mtimes,
-    size, mode) and memory-mapped on later runs (shared between DDP ranks through the page cache).
+
+def _decode_folder(npy: Path, root: Path, files: list[str], size: int, channels: int, mode: str,
+                   workers: int) -> None:
+    """Decode every file into a new ``.npy`` at ``npy`` (created with ``open_memmap``: the header, then the
+    pixels written in place by ``workers`` processes in chunks). Resident memory stays at a few images per
+    process whatever the dataset size; a failure removes the file and names the image."""
+    np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(files), channels, size, size)).flush()
+    offset = np.load(npy, mmap_mode="r").offset  # where the pixel data starts, after the header
+    chunk = 64
+    jobs = [(str(npy), offset, str(root), files[i:i + chunk], i, size, mode) for i in range(0, len(files), chunk)]
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            _decode_chunk(*job)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    # fork, as DataLoader workers: the workers touch only PIL, numpy and the file (never CUDA), and start without
+    # re-importing torch (a spawned worker would cost ~300 MB each). A window of 2 chunks per worker in flight
+    # keeps the queued file lists bounded too.
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        pending: set = set()
+        it = iter(jobs)
+        try:
+            while True:
+                for job in it:
+                    pending.add(pool.submit(_decode_chunk, *job))
+                    if len(pending) >= 2 * workers:
+                        break
+                if not pending:
+                    break
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    f.result()  # re-raises a worker's "cannot decode image <path>"
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
+def _wait_for(cache: Path, err: Path, what: str) -> None:
+    """Non-decoding DDP ranks: wait (polling, no collective with a timeout) for the decoding rank's cache file
+    or its error marker."""
+    while not cache.is_file():
+        if err.is_file():
+            raise ValueError(f"{what}: the decoding rank failed: {err.read_text().strip()}")
+        time.sleep(0.5)
+
+
+def load_image_folder(root: str, image_size: int, channels: int = 3, cache_dir: str | None = None,
+                      use_cache: bool = True, workers: int | None = None):
+    """Every image under ``root`` (recursive, any format PIL reads), resized (short side) and center-cropped
+    to ``image_size``, as a read-only uint8 memory map ``(N, C, S, S)``.
+
+    Decoded once, by ``workers`` processes (default ``min(16, CPUs)``) straight into a ``.npy`` in
+    ``cache_dir`` keyed by (file list, sizes, mtimes, size, mode): the decode's memory does not grow with the
+    dataset. The file is written under a temporary name and renamed into place when complete, so a crash
+    never leaves a cache that reads as valid. Under torchrun, local rank 0 decodes and the other ranks of the
+    node wait for the file (one decode per node). ``use_cache=False`` decodes into an unlinked temporary file.
     """
     root_path = Path(root)
     if not root_path.is_dir():
@@ -160,26 +271,56 @@ def load_image_folder(root: str, image_size: int, channels: int = 3, cache_dir: 
         raise FileNotFoundError(f"no images found under {root_path.resolve()} (searched recursively for the "
                                 f"extensions PIL reads: .png, .jpg, .jpeg, .webp, ...)")
     mode = "L" if channels == 1 else "RGB"
+    workers = workers or min(16, os.cpu_count() or 1)
+    shape = (len(files), channels, image_size, image_size)
+    if not use_cache:
+        return _decode_to_temp(root_path, files, image_size, channels, mode, workers)
     h = hashlib.sha256(f"{root_path.resolve()}|{image_size}|{mode}".encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(root_path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for rel in files:
+        st = os.stat(root_path / rel)
+        h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = _cache_root(cache_dir) / f"folder-{h.hexdigest()[:20]}-{image_size}-{mode}.npy"
-    if use_cache and cache.is_file():
-        return np.load(cache, mmap_mode="r")
-    arr = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
-    for i, p in enumerate(files):
-        arr[i] = _decode(p, image_size, mode)
-    if use_cache:
+    err = cache.with_name(f".{cache.name}.error")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not cache.is_file() and local_rank != 0:
+        _wait_for(cache, err, f"decoding {root_path}")
+    if not cache.is_file():
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
+            for stale in cache.parent.glob(f".{cache.name}.*.tmp"):  # left by a killed decode
+                if not _pid_alive(int(stale.name.rsplit(".", 2)[-2])):
+                    stale.unlink(missing_ok=True)
+            err.unlink(missing_ok=True)
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, cache)  # atomic: concurrent ranks never read a half-written cache
-        except OSError:
-            pass  # a read-only cache location only costs the decode next time
+        except OSError as e:
+            warnings.warn(f"folder cache {cache.parent} is not writable ({e}); decoding into a temporary file "
+                          f"(decoded again next run; set data.cache_dir to a writable folder)", stacklevel=2)
+            return _decode_to_temp(root_path, files, image_size, channels, mode, workers)
+        try:
+            _decode_folder(tmp, root_path, files, image_size, channels, mode, workers)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, cache)  # the commit point: readers see a complete cache or none
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+                with contextlib.suppress(OSError):
+                    err.write_text(str(e) or type(e).__name__)
+            raise
+    arr = np.load(cache, mmap_mode="r")
+    if arr.shape != shape or arr.dtype != np.uint8:
+        raise ValueError(f"folder cache {cache} holds {arr.dtype} {arr.shape}, expected uint8 {shape}; delete it")
     return arr
+
+
+def _decode_to_temp(root: Path, files: list[str], size: int, channels: int, mode: str, workers: int) -> np.ndarray:
+    fd, name = tempfile.mkstemp(suffix=".npy", prefix="maskdm-folder-")
+    os.close(fd)
+    try:
+        _decode_folder(Path(name), root, files, size, channels, mode, workers)
+        return np.load(name, mmap_mode="r")  # the map keeps the unlinked file alive
+    finally:
+        os.unlink(name)
 
 
 def _subset(n: int, fraction: float, seed: int) -> np.ndarray | None:
@@ -199,13 +340,16 @@ def build_dataset(cfg: DataConfig) -> ImageTensorDataset:
         images = load_fashion_mnist(cfg.root, cfg.split, cfg.image_size, cfg.resample)
         name = f"fashion_mnist/{cfg.split}"
     else:
-        images = load_image_folder(cfg.root, cfg.image_size, cfg.channels or 3, cfg.cache_dir)
+        images = load_image_folder(cfg.root, cfg.image_size, cfg.channels or 3, cfg.cache_dir,
+                                   workers=cfg.decode_workers)
         name = f"folder:{cfg.root}"
     keep = _subset(images.shape[0], cfg.subset, cfg.subset_seed)
-    if keep is not None:
-        images = images[torch.from_numpy(keep)] if isinstance(images, Tensor) else np.ascontiguousarray(images[keep])
-        name += f" (subset {cfg.subset:g}: {len(keep)} images)"
-    return ImageTensorDataset(images, name)
+    if keep is None:
+        return ImageTensorDataset(images, name)
+    name += f" (subset {cfg.subset:g}: {len(keep)} images)"
+    if isinstance(images, Tensor):
+        return ImageTensorDataset(images[torch.from_numpy(keep)], name)
+    return ImageTensorDataset(images, name, indices=keep)  # the memory map stays on disk
 
 
 def parse_data_spec(spec: str, image_size: int, channels: int | None = None) -> DataConfig:

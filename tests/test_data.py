@@ -3,6 +3,7 @@ the batch order that makes resume exact and DDP equal to one process."""
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_image_folder_recursive_resize_crop_cache(tmp_path, monkeypatch):
     assert isinstance(again, np.memmap) and np.array_equal(np.asarray(again), arr)
     ds = D.build_dataset(DataConfig(dataset="folder", root=str(root), image_size=8, cache_dir=str(cache)))
     assert ds.__getitems__([2, 0]).shape == (2, 3, 8, 8)
-    assert torch.equal(ds.__getitems__([2, 0])[0], torch.from_numpy(arr[2]))
+    assert torch.equal(ds.__getitems__([2, 0])[0], torch.from_numpy(np.array(arr[2])))
     monkeypatch.undo()
     gray = D.load_image_folder(str(root), 8, channels=1, cache_dir=str(cache), use_cache=False)
     assert gray.shape == (3, 1, 8, 8)
@@ -104,6 +105,98 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images found"):
         D.load_image_folder(str(tmp_path / "empty"), 8)
+
+
+def _many_images(root, n=40):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = root / f"d{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12 + i % 5, 10, 3), dtype=np.uint8)).save(sub / f"{i:03d}.png")
+    return root
+
+
+def test_parallel_decode_equals_in_process_and_leaves_only_the_cache(tmp_path):
+    root = _many_images(tmp_path / "imgs", 150)  # 3 chunks of 64: the pool path with 2 workers
+    one = D.load_image_folder(str(root), 8, cache_dir=str(tmp_path / "c1"), workers=1)
+    two = D.load_image_folder(str(root), 8, cache_dir=str(tmp_path / "c2"), workers=2)
+    assert isinstance(two, np.memmap) and two.shape == (150, 3, 8, 8) and np.array_equal(one, two)
+    assert [p.name for p in (tmp_path / "c2").iterdir()] == [Path(two.filename).name]  # no temporaries left
+    tmp = D.load_image_folder(str(root), 8, use_cache=False, workers=2)
+    assert np.array_equal(tmp, one) and not Path(tmp.filename).exists()  # unlinked, still mapped
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_image_names_the_file_and_leaves_no_cache(tmp_path, workers):
+    root = _many_images(tmp_path / "imgs", 150)
+    bad = root / "d1" / "070.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"cannot decode image .*d1/070\.png"):
+        D.load_image_folder(str(root), 8, cache_dir=str(cache), workers=workers)
+    assert list(cache.iterdir()) == []  # neither a cache nor a temporary that could later read as valid
+
+
+def test_stale_temporary_of_a_dead_decode_is_swept_and_never_read(tmp_path):
+    root = _many_images(tmp_path / "imgs", 5)
+    cache = tmp_path / "cache"
+    first = D.load_image_folder(str(root), 8, cache_dir=str(cache))
+    final = Path(first.filename)
+    final.unlink()
+    dead = 2 ** 22 + 12345  # above the default pid_max of 32768 / 4194304: no such process
+    stale = final.with_name(f".{final.name}.{dead}.tmp")
+    stale.write_bytes(b"half a cache")
+    again = D.load_image_folder(str(root), 8, cache_dir=str(cache))
+    assert np.array_equal(again, first) and not stale.exists()
+
+
+def test_ddp_ranks_share_one_decode(tmp_path, monkeypatch):
+    import threading
+
+    root = _many_images(tmp_path / "imgs", 5)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(D, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("rank 1 decoded")))
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(arr=D.load_image_folder(str(root), 8, cache_dir=str(cache))))
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive()  # rank 1 waits for local rank 0's cache
+    monkeypatch.undo()
+    ref = D.load_image_folder(str(root), 8, cache_dir=str(cache))  # "rank 0" decodes
+    waiter.join(10)
+    assert not waiter.is_alive() and np.array_equal(got["arr"], ref)
+    # a failed decode on rank 0 is reported on the waiting ranks instead of a hang
+    other = tmp_path / "other"
+    _many_images(other, 3)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    (other / "d0" / "000.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="000.png"):
+        D.load_image_folder(str(other), 8, cache_dir=str(cache))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="decoding rank failed: cannot decode image .*000.png"):
+        D.load_image_folder(str(other), 8, cache_dir=str(cache))
+
+
+def test_folder_subset_keeps_the_map_and_pickles_by_name(tmp_path):
+    import pickle
+
+    root = _many_images(tmp_path / "imgs", 40)
+    cfg = DataConfig(dataset="folder", root=str(root), image_size=8, cache_dir=str(tmp_path / "c"), subset=0.25)
+    ds = D.build_dataset(cfg)
+    full = D.load_image_folder(str(root), 8, cache_dir=str(tmp_path / "c"))
+    assert len(ds) == 10 and isinstance(ds.images, np.memmap) and ds.images.shape[0] == 40
+    keep = ds.indices
+    batch = ds.__getitems__([7, 0, 3])
+    assert torch.equal(batch, torch.from_numpy(np.asarray(full[keep[[7, 0, 3]]])))
+    assert torch.equal(ds[5], torch.from_numpy(np.asarray(full[keep[5]])))
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4096  # the file name, not 40 x 192 pixels
+    back = pickle.loads(blob)
+    assert torch.equal(back.__getitems__([7, 0, 3]), batch)
 
 
 def test_subset_is_deterministic(tmp_path):
