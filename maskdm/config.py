@@ -70,7 +70,9 @@ class StageConfig:
     weight_decay: float = 0.03
     grad_clip: float = 1.0  # max grad norm; 0 disables
     ema_decay: float = 0.999
-    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) for the stage's first steps
+    # constant: ema_decay from the first step; warmup: min(ema_decay, (1 + n) / (10 + n)); ema_pytorch: the
+    # reference's ema_pytorch defaults (copy for 100 steps, then 1 - (1 + k)^(-2/3) up to ema_decay). maskdm/ema.py
+    ema_schedule: Literal["constant", "warmup", "ema_pytorch"] = "constant"
     mask: Literal["none", "random", "block", "crop"] = "none"
     mask_ratio: float | tuple[float, float] = 0.0  # masked fraction; (low, high): per-sample, varlen
     block_size: int = 4  # for mask=block, in patches
@@ -91,6 +93,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     threads: int | None = None  # torch.set_num_threads (CPU); None: PyTorch's default
+    # torch.compile of the step (loss + backward) and of the sampling forward; auto: reduce-overhead on CUDA (CUDA
+    # graphs), off on CPU; YAML's bare off/on (false/true) mean off/default. cuda_graph: capture the whole step
+    # (with the optimizer and EMA) by torch.cuda.graph. maskdm/step.py
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "auto"] | bool = "auto"
+    cuda_graph: bool = False
     init_from: str | None = None  # checkpoint dir, run dir or .safetensors to start a separate run from
     init_weights: Literal["online", "ema"] = "online"  # which weights of init_from
     log_every: int = 10
@@ -160,9 +167,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(raw: dict) -> Config:
-    cfg = build(Config, raw)
+    cfg = build(Config, _migrate(raw))
     _validate(cfg)
     return cfg
+
+
+def _migrate(raw: dict) -> dict:
+    """Older keys in configs and checkpoints' config.json: ``ema_warmup: true`` is ``ema_schedule: warmup``."""
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    if not isinstance(stages, list) or not any(isinstance(s, dict) and "ema_warmup" in s for s in stages):
+        return raw
+    new = []
+    for s in stages:
+        if isinstance(s, dict) and "ema_warmup" in s:
+            s = dict(s)
+            if s.pop("ema_warmup") is True:
+                s.setdefault("ema_schedule", "warmup")
+        new.append(s)
+    return {**raw, "stages": new}
 
 
 def apply_overrides(raw: dict, overrides) -> dict:
@@ -235,6 +257,9 @@ def _validate(cfg: Config) -> None:
            f"at most diffusion.timesteps={df.timesteps}")
     _check(tr.sample_eta >= 0, "train.sample_eta", tr.sample_eta, "a number >= 0")
     _check(tr.threads is None or tr.threads >= 1, "train.threads", tr.threads, "an integer >= 1 or null")
+    _check(not tr.cuda_graph or tr.compile in ("auto", "off", "default", False, True), "train.compile", tr.compile,
+           "off, default or auto with train.cuda_graph=true (reduce-overhead and max-autotune capture graphs themselves)")
+    _check(not tr.cuda_graph or tr.device != "cpu", "train.cuda_graph", tr.cuda_graph, "false with train.device=cpu")
     _check(bool(tr.out_dir), "train.out_dir", tr.out_dir, "a directory path")
 
     if not ev.enabled:  # only `maskdm train`'s final evaluation reads this section

@@ -243,3 +243,44 @@ def test_more_ranks_than_gpus_fails_with_the_fix(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but 1 CUDA device.*--nproc_per_node 1"):
         setup("auto")
+
+
+def test_ema_pytorch_schedule_values():
+    """ema_pytorch(beta=0.999) defaults: copy (decay 0) for the stage's first 100 steps; at 1-based step s > 100,
+    decay = 1 - (1 + s - 101)^(-2/3) clamped to [0, beta]. Values from the formula by hand."""
+    from maskdm.ema import ema_decay
+
+    assert [ema_decay("ema_pytorch", 0.999, n) for n in (0, 50, 99, 100)] == [0.0] * 4  # s = 1, 51, 100, 101
+    assert ema_decay("ema_pytorch", 0.999, 101) == pytest.approx(1 - 2 ** (-2 / 3), rel=1e-12)  # s = 102: k = 1
+    assert ema_decay("ema_pytorch", 0.999, 1099) == pytest.approx(0.99, rel=1e-12)  # s = 1100, k = 999: 1 - 1000^(-2/3)
+    k999 = 0.001 ** (-1.5) - 1  # 1 - (1 + k)^(-2/3) = 0.999 at k = 31621.8 (k = n - 100): capped at beta from there
+    assert ema_decay("ema_pytorch", 0.999, int(k999) + 100) < 0.999 == ema_decay("ema_pytorch", 0.999, int(k999) + 101)
+    assert ema_decay("ema_pytorch", 0.9, 10**6) == 0.9
+    assert ema_decay("constant", 0.99, 0) == 0.99 and ema_decay("warmup", 0.99, 0) == pytest.approx(0.1)
+
+
+def test_ema_update_is_foreach_lerp_and_copy():
+    """One update equals decay * ema + (1 - decay) * online per parameter (float32: lerp rounds once, so within
+    a few ulps), buffers copied; decay 0 gives an exact copy (the ema_pytorch warm-up)."""
+    from maskdm.ema import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(net)
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+        net[1].running_mean.fill_(2.0)
+    ema.update(0.9)
+    for e, b, p in zip(ema.model.parameters(), before, net.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ema.model[1].running_mean, net[1].running_mean)
+    ema.update(0.0)
+    assert all(torch.equal(e, p) for e, p in zip(ema.model.parameters(), net.parameters()))
+
+
+def test_ema_warmup_key_migrates():
+    from maskdm.config import config_from_dict
+
+    cfg = config_from_dict({"stages": [{"name": "a", "ema_warmup": True}, {"name": "b", "ema_warmup": False}]})
+    assert [s.ema_schedule for s in cfg.stages] == ["warmup", "constant"]
