@@ -4,24 +4,65 @@
     maskdm sample --ckpt PATH --num N --steps S --sampler ddim|ddpm --out grid.png
     maskdm eval --ckpt PATH --data SPEC --num N
     maskdm info
+
+Every error ends in one line on stderr naming the file, key or value, and a non-zero exit: 2 for a fault of the
+input (config, files, folders, numbers), 3 for a diverged run, 1 for anything else; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from . import compare
+from . import compare, import_ref
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command takes ``--debug``; a bad argument is one line, exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="on an error, show the full traceback instead of one line")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maskdm", description="Masked diffusion pre-training (MaskDM): train, sample, "
+    p = _Parser(prog="maskdm", description="Masked diffusion pre-training (MaskDM): train, sample, "
                                 "evaluate. Multi-GPU: torchrun --nproc_per_node N -m maskdm train ...")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -30,36 +71,38 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.seed=1 stages.pretrain.steps=500 stages.1.lr=1e-5")
     t.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint of train.out_dir")
-    t.add_argument("--overwrite", action="store_true", help="delete train.out_dir first and start over")
+    t.add_argument("--overwrite", action="store_true",
+                   help="empty train.out_dir first and start over (only a maskdm run folder, never the working "
+                   "directory)")
     t.add_argument("--no-eval", action="store_true", help="skip the final sampling + FID even if eval.enabled")
 
     s = sub.add_parser("sample", help="sample a grid from a checkpoint")
     s.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt-XXXXXXXX) or run folder (its newest)")
-    s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm always uses all T)")
+    s.add_argument("--num", type=_int_at_least(1), default=64)
+    s.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps (ddpm always uses all T)")
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; the paper: 1.0 with 250 steps)")
+    s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0: deterministic; the paper: 1.0 with 250 steps)")
     s.add_argument("--out", default="grid.png", help="PNG grid path")
     s.add_argument("--weights", choices=["ema", "online"], default="ema")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--batch-size", type=_int_at_least(1), default=256)
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--nrow", type=int, default=None)
+    s.add_argument("--nrow", type=_int_at_least(1), default=None)
 
     e = sub.add_parser("eval", help="FID / KID of a checkpoint's samples against a dataset")
     e.add_argument("--ckpt", required=True, help="checkpoint folder or run folder")
     e.add_argument("--data", default=None, help="fashion_mnist[:train|test][:ROOT], folder:PATH or PATH "
                    "(default: the checkpoint's training data)")
-    e.add_argument("--num", type=int, default=1000, help="generated images, and as many real ones")
-    e.add_argument("--steps", type=int, default=250)
+    e.add_argument("--num", type=_int_at_least(2), default=1000, help="generated images, and as many real ones")
+    e.add_argument("--steps", type=_int_at_least(1), default=250)
     e.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    e.add_argument("--eta", type=float, default=1.0)
-    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--eta", type=_nonneg_float, default=1.0)
+    e.add_argument("--batch-size", type=_int_at_least(1), default=250)
     e.add_argument("--weights", choices=["ema", "online"], default="ema")
     e.add_argument("--backbone", choices=["effnet-lite0", "inception"], default="effnet-lite0")
     e.add_argument("--inception-weights", default=None,
                    help="FID Inception weights file; selects --backbone inception (needs torch-fidelity)")
-    e.add_argument("--resize", type=int, default=224, help="backbone input size (effnet-lite0)")
+    e.add_argument("--resize", type=_int_at_least(32), default=224, help="backbone input size (effnet-lite0)")
     e.add_argument("--baseline", action="store_true", help="also score the untrained model (same seed)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
@@ -67,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, kernel backends, GPU")
     compare.add_arguments(sub.add_parser("compare", help="FID against wall-clock of several configs at one budget"))
+    import_ref.add_arguments(sub.add_parser("import-ref", help="a MaskDM reference checkpoint as a run folder"))
     return p
 
 
@@ -79,13 +123,9 @@ def _device(name: str | None):
 
 
 def cmd_train(args) -> int:
-    from .config import ConfigError, load_config
+    from .config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"maskdm train: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     from .train import train
 
     t0 = time.time()
@@ -199,16 +239,48 @@ def _version() -> str:
         return "0.1.0 (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _one_line(e: BaseException) -> str:
+    """The error as one line: an OS error names its file; anything unexpected says it is internal."""
     from .config import ConfigError
 
-    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "compare": compare.main}
+    if isinstance(e, OSError) and e.strerror:
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        msg = f"{files}: {e.strerror}" if files else e.strerror
+    else:
+        msg = str(e) or type(e).__name__
+    msg = " ".join(msg.split())
+    if isinstance(e, ConfigError):
+        return f"config error: {msg}"
+    if _exit_code(e) == 1:
+        return f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)"
+    return msg
+
+
+def _exit_code(e: BaseException) -> int:
+    from .checkpoint import CheckpointError
+    from .run_dir import RunDirError
+    from .train import DivergedError
+
+    if isinstance(e, DivergedError):
+        return 3
+    user = (ValueError, OSError, CheckpointError, RunDirError)  # ConfigError is a ValueError; OSError: files
+    return 2 if isinstance(e, user) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "compare": compare.main,
+                "import-ref": import_ref.main}
     try:
         return handlers[args.cmd](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"maskdm {args.cmd}: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"maskdm {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"maskdm {args.cmd}: {_one_line(e)}", file=sys.stderr)
+        return _exit_code(e)
 
 
 if __name__ == "__main__":
