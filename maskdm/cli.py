@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import compare
+from . import compare, import_ref
 
 __all__ = ["main"]
 
@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, kernel backends, GPU")
     compare.add_arguments(sub.add_parser("compare", help="FID against wall-clock of several configs at one budget"))
+    import_ref.add_arguments(sub.add_parser("import-ref", help="a MaskDM reference checkpoint as a run folder"))
     return p
 
 
@@ -268,7 +269,8 @@ def _exit_code(e: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "compare": compare.main}
+    handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "compare": compare.main,
+                "import-ref": import_ref.main}
     try:
         return handlers[args.cmd](args)
     except KeyboardInterrupt:
