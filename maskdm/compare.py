@@ -12,6 +12,8 @@ images), and the clock resumes: evaluation time, and the checkpoint + sample gri
 apart and never eat into training. ``DIR/compare.json`` is rewritten (atomically) after every point, so Ctrl-C keeps
 what was measured; ``DIR/compare.png`` plots FID and KID against minutes with the stage switches marked.
 
+``--clock cpu`` counts this process's CPU time instead of wall-clock: on a CPU machine shared with other work, the
+arms (run one after the other) then get the same compute whatever the load did meanwhile; both are recorded.
 ``--steps S`` replaces the time budget with one of ``S`` optimizer steps (split by the same fractions, points at
 ``k/K`` of the steps): the points then depend only on the seed, which makes a run repeatable (the test mode).
 """
@@ -29,27 +31,48 @@ from pathlib import Path
 __all__ = ["Clock", "add_arguments", "main", "plot", "run_compare", "stage_fractions"]
 
 _HUGE = 10**9  # a stage's step count when the time budget ends it
+_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
 
 class Clock:
-    """Seconds of training: a monotonic clock that does not run while paused (evaluation, stage switches)."""
+    """Seconds of training, not counting the time spent paused (evaluation, stage switches).
 
-    def __init__(self):
-        self._start = time.monotonic()
-        self._paused_at: float | None = None
-        self._paused = 0.0
+    ``kind="wall"``: monotonic wall-clock. ``kind="cpu"``: this process's CPU time (all its threads), which other
+    load on a shared machine barely changes (with one training thread it is the wall time the same work takes on an
+    idle core). ``wall()`` is the wall-clock with the same pauses, whatever the kind.
+    """
+
+    def __init__(self, kind: str = "wall"):
+        if kind not in _CLOCKS:
+            raise ValueError(f"clock must be one of {', '.join(_CLOCKS)}, got {kind!r}")
+        self.kind = kind
+        self._src = (_CLOCKS[kind], time.monotonic)
+        self._start = [f() for f in self._src]
+        self._paused_at: list[float] | None = None
+        self._paused = [0.0, 0.0]
+
+    def _read(self, i: int) -> float:
+        now = self._paused_at[i] if self._paused_at is not None else self._src[i]()
+        return now - self._start[i] - self._paused[i]
 
     def __call__(self) -> float:
-        now = self._paused_at if self._paused_at is not None else time.monotonic()
-        return now - self._start - self._paused
+        return self._read(0)
+
+    def wall(self) -> float:
+        return self._read(1)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
 
     def pause(self) -> None:
         if self._paused_at is None:
-            self._paused_at = time.monotonic()
+            self._paused_at = [f() for f in self._src]
 
     def resume(self) -> None:
         if self._paused_at is not None:
-            self._paused += time.monotonic() - self._paused_at
+            for i, f in enumerate(self._src):
+                self._paused[i] += f() - self._paused_at[i]
             self._paused_at = None
 
 
@@ -168,7 +191,7 @@ class _Arm:
     """The callbacks of one arm's ``train`` run: stage switches, the budget, evaluation points, progress."""
 
     def __init__(self, rec: dict, cfg, fractions, budget_s: float | None, budget_steps: int | None, evals: int,
-                 evaluate, diffusion, save, log, device):
+                 evaluate, diffusion, save, log, device, clock: str):
         self.rec, self.cfg, self.evaluate, self.diffusion, self.save, self.log = rec, cfg, evaluate, diffusion, save, log
         self.device = device
         self.budget_s, self.budget_steps = budget_s, budget_steps
@@ -179,7 +202,7 @@ class _Arm:
         self.targets = [total * k / evals for k in range(1, evals + 1)]
         if budget_steps is not None:
             self.targets = [round(t) for t in self.targets]
-        self.clock = Clock()
+        self.clock = Clock(clock)
         self.clock.pause()  # runs from the first stage's start
         self.n = 0  # optimizer steps of this arm
         self.si = -1
@@ -189,7 +212,8 @@ class _Arm:
 
     def on_stage(self, index: int, stage, ema_model) -> None:
         self.si, self.ema = index, ema_model
-        self.rec["stages"][index].update(start_seconds=round(self.clock(), 3), start_step=self.n)
+        self.rec["stages"][index].update(start_seconds=round(self.clock(), 3),
+                                         start_wall_seconds=round(self.clock.wall(), 3), start_step=self.n)
         self.clock.resume()
 
     def on_step(self, step: int) -> bool:
@@ -224,18 +248,19 @@ class _Arm:
             torch.cuda.synchronize(self.device)
 
     def _point(self, due: list[int]) -> None:
-        paused = self.clock._paused_at is not None
+        paused = self.clock.paused
         self.clock.pause()
-        seconds = self.clock()
+        seconds, wall = self.clock(), self.clock.wall()
         t0 = time.monotonic()
         r = self.evaluate(self.ema, self.diffusion)
         took = time.monotonic() - t0
         self.targets = self.targets[max(due) + 1:]
-        point = {"seconds": round(seconds, 3), "step": self.n, "stage": self.cfg.stages[self.si].name,
+        point = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "step": self.n, "stage": self.cfg.stages[self.si].name,
                  "fid": r["fid"], "kid": r["kid_mean"], "kid_std": r["kid_std"], "eval_seconds": round(took, 2)}
         self.rec["points"].append(point)
         self.rec["eval_seconds"] = round(self.rec["eval_seconds"] + took, 2)
         self.rec["train_seconds"] = round(seconds, 3)
+        self.rec["train_wall_seconds"] = round(wall, 3)
         self.rec["images_per_s"] = round(self.images / max(seconds, 1e-9), 1)
         self.log(f"[compare] {self.rec['name']}: {seconds / 60:.2f} min, step {self.n} ({point['stage']}): "
                  f"FID {r['fid']:.2f}  KID {r['kid_mean']:.4f}  (evaluation {took:.0f}s, not counted)")
@@ -249,10 +274,11 @@ def run_compare(arms: list[tuple[str, str, object]], out: str | Path, *, minutes
                 steps: int | None = None, evals: int = 4, eval_num: int = 200, eval_sampler: str = "ddim",
                 eval_steps: int = 50, eval_eta: float = 1.0, eval_batch_size: int = 100, eval_seed: int = 0,
                 backbone: str = "effnet-lite0", resize: int = 128, inception_weights: str | None = None,
-                seed: int | None = None, command: str | None = None, log=print) -> dict:
+                seed: int | None = None, clock: str = "wall", command: str | None = None, log=print) -> dict:
     """Train and score every arm (``(name, config path, Config)``) at one budget; returns what compare.json holds.
 
-    Exactly one of ``minutes`` (training wall-clock per arm) and ``steps`` (optimizer steps per arm) is given.
+    Exactly one of ``minutes`` (training time per arm, on ``clock``: wall or cpu) and ``steps`` (optimizer steps
+    per arm) is given.
     """
     import torch
 
@@ -289,10 +315,13 @@ def run_compare(arms: list[tuple[str, str, object]], out: str | Path, *, minutes
         torch.set_num_threads(first.train.threads)
     pref = first.train.device
     device = torch.device("cuda" if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else "cpu")
+    if clock == "cpu" and device.type == "cuda":
+        raise ValueError("clock='cpu' measures this process's CPU time, not GPU work: use the wall clock on a GPU")
+    Clock(clock)  # a bad kind fails here, before any work
     json_path, png_path = out / "compare.json", out / "compare.png"
     result = {"device": _device_name(device), "torch": torch.__version__,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-              "budget": {"minutes": minutes, "steps": steps, "evals": evals}, "seed": seed,
+              "budget": {"minutes": minutes, "steps": steps, "evals": evals, "clock": clock}, "seed": seed,
               "load_average": {"start": _load(), "end": None}, "arms": []}
     t0 = time.monotonic()
     dataset = build_dataset(first.data)
@@ -324,12 +353,13 @@ def run_compare(arms: list[tuple[str, str, object]], out: str | Path, *, minutes
             log(f"[compare] arm {i + 1}/{len(arms)} {name!r} ({path}): stages "
                 + ", ".join(f"{s['name']} {s['fraction']:.0%}" for s in rec["stages"]))
             arm = _Arm(rec, acfg, fractions[name], None if minutes is None else 60.0 * minutes, steps, evals,
-                       evaluator, make_diffusion(acfg), save, log, device)
+                       evaluator, make_diffusion(acfg), save, log, device, clock)
             wall = time.monotonic()
             summary = train(acfg, log=lambda *a: None, on_step=arm.on_step, on_stage=arm.on_stage, overwrite=True)
             rec.update(wall_seconds=round(time.monotonic() - wall, 1), load_average={**rec["load_average"],
                                                                                      "end": _load()})
-            rec["switch_seconds"] = round(rec["wall_seconds"] - rec["train_seconds"] - rec["eval_seconds"], 1)
+            rec["switch_seconds"] = round(rec["wall_seconds"] - rec.get("train_wall_seconds", 0.0)
+                                          - rec["eval_seconds"], 1)
             if summary["interrupted"]:
                 rec["status"] = "interrupted"
                 interrupted = True
@@ -372,7 +402,8 @@ def plot(result: dict, path: str | Path) -> Path:
     b = result["budget"]
     budget = f"{b['minutes']:g} min" if b["minutes"] is not None else f"{b['steps']} steps"
     for ax, label in zip(axes, ("FID", "KID")):
-        ax.set_xlabel("training minutes (evaluation excluded)")
+        ax.set_xlabel("training minutes (" + ("process CPU time" if b.get("clock") == "cpu" else "wall-clock")
+                      + ", evaluation excluded)")
         ax.set_ylabel(f"{label} ({result.get('protocol', {}).get('backbone', '')[:18]})")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
@@ -392,10 +423,13 @@ def add_arguments(p) -> None:
     p.add_argument("--config", action="append", required=True, metavar="FILE",
                    help="an arm's YAML config (repeat: one per arm; the arm is named after the file)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--minutes", type=float, help="training wall-clock per arm (evaluation excluded)")
+    budget.add_argument("--minutes", type=float, help="training time per arm on --clock (evaluation excluded)")
     budget.add_argument("--steps", type=int, help="instead of --minutes: optimizer steps per arm; the points then "
                         "depend only on the seed (repeatable, the test mode)")
     p.add_argument("--evals", type=int, default=4, help="evaluation points per arm, at k/K of the budget")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what --minutes counts: wall-clock, or "
+                   "this process's CPU time (fairer between arms run one after the other on a shared CPU machine; "
+                   "with one training thread it is the time on an idle core); both are recorded")
     p.add_argument("--out", required=True, help="output folder: compare.json, compare.png, runs/<arm>/")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="a dotted override applied to every arm, e.g. --set train.threads=1")
@@ -434,5 +468,5 @@ def main(args) -> int:
                       eval_num=args.eval_num, eval_sampler=args.eval_sampler, eval_steps=args.eval_steps,
                       eval_eta=args.eval_eta, eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed,
                       backbone=args.backbone, resize=args.resize, inception_weights=args.inception_weights,
-                      seed=args.seed, command=_command(args))
+                      seed=args.seed, clock=args.clock, command=_command(args))
     return 130 if res["interrupted"] else 0
