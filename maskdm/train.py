@@ -165,6 +165,7 @@ class _Stage:
     on_step: object = None
     bar: object = None
     t0: float = field(default_factory=time.monotonic)
+    checked: int = 0  # the last step known finite (checked at a log point or before a save)
 
     @property
     def end(self) -> int:
@@ -393,7 +394,7 @@ def _one_step(run: _Run, st: _Stage, local: int, batch) -> bool:
 
 def _log_window(run: _Run, st: _Stage, lr: float) -> None:
     """Write the window's record (the loop's one host sync per log_every steps); stop if it went non-finite."""
-    first = run.step - st.window.n + 1
+    first = max(run.step - st.window.n, st.checked) + 1
     rec, bad = st.window.flush(run.d, run.step, st.cfg.name, lr, st.cfg.batch_size)
     run.logger.write(rec)
     if st.bar is not None:
@@ -401,12 +402,14 @@ def _log_window(run: _Run, st: _Stage, lr: float) -> None:
     if bad:
         _diverged(run, st, first, f"loss {rec['loss']:.4g} over the window, grad norm {rec['grad_norm']:.4g} at its "
                                   f"end")
+    st.checked = run.step
 
 
 def _guard(run: _Run, st: _Stage) -> None:
     """Before anything is written from the weights: stop if a step since the last log point went non-finite."""
     if st.window.nonfinite(run.d):
-        _diverged(run, st, run.step - st.window.n + 1, "found before writing a checkpoint or grid")
+        _diverged(run, st, max(run.step - st.window.n, st.checked) + 1, "found before writing a checkpoint or grid")
+    st.checked = run.step
 
 
 def _diverged(run: _Run, st: _Stage, first: int, detail: str) -> None:

@@ -284,3 +284,74 @@ def test_ema_warmup_key_migrates():
 
     cfg = config_from_dict({"stages": [{"name": "a", "ema_warmup": True}, {"name": "b", "ema_warmup": False}]})
     assert [s.ema_schedule for s in cfg.stages] == ["warmup", "constant"]
+
+
+def test_two_masked_stages_of_different_strategies(tmp_path):
+    """A block-masked stage, then a varlen random-masked stage (per-sample ratios), then full images: each stage
+    draws its own masks on the model's patch grid (the second masked stage used to crash on a reused name)."""
+    cfg, _ = tiny_config(tmp_path, "two", extra=["train.ckpt_every=0"])
+    from maskdm.config import StageConfig
+
+    cfg.stages.insert(1, StageConfig(name="random", steps=3, batch_size=8, lr=1e-3, mask="random",
+                                     mask_ratio=(0.5, 0.9), ema_decay=0.9, ema_schedule="ema_pytorch"))
+    summary = train(cfg, log=lambda *a: None)
+    out = Path(cfg.train.out_dir)
+    assert summary["step"] == 12 and not summary["interrupted"]
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in recs] == ["pretrain"] * 5 + ["random"] * 3 + ["finetune"] * 4
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in recs)
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "finetune_end_step_00000012.png", "pretrain_end_step_00000005.png", "random_end_step_00000008.png"]
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint(reference_run, capsys):
+    """Killed after step 4 (checkpoints 3 and 4 kept), the newest then truncated: --resume warns, starts from
+    ckpt-3 and still ends bit-identical to the uninterrupted run."""
+    tmp, ref_out, _ = reference_run
+    cfg, _ = tiny_config(tmp, "fallback", data_root=tmp / "fm")
+    out = Path(cfg.train.out_dir)
+
+    def kill_at_4(step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train(cfg, log=lambda *a: None, on_step=kill_at_4)
+    assert [p.name for p in C.list_checkpoints(out / "checkpoints")] == ["ckpt-00000003", "ckpt-00000004"]
+    f = out / "checkpoints" / "ckpt-00000004" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    said = []
+    summary = train(cfg, resume=True, log=said.append)
+    assert any("ckpt-00000004 fails verification" in s and "truncated" in s for s in said), said
+    assert any("resuming from" in s and "ckpt-00000003" in s for s in said), said
+    assert summary["step"] == 9
+    assert losses(out) == losses(ref_out)
+    assert_same_weights(weights(out), weights(ref_out))
+    assert_same_weights(weights(out, "ema"), weights(ref_out, "ema"))
+
+
+@pytest.mark.parametrize("bad_step, where, kept", [
+    (2, r"between steps 1 and 3 \(found before writing a checkpoint", []),  # the check before the ckpt-3 save
+    (5, r"between steps 4 and 5 \(loss nan", ["ckpt-00000003"]),  # the stage-end log point, before its save
+])
+def test_non_finite_step_stops_without_saving(tmp_path, monkeypatch, bad_step, where, kept):
+    """NaN pixels in the batch of one step make its loss and grad norm NaN. With log_every=100 the run stops at
+    the next log point or checkpoint, whichever comes first, writes no checkpoint from then on and keeps the
+    earlier ones (all finite)."""
+    import maskdm.train as T
+
+    real, calls = T.to_model_range, []
+
+    def nan_at(*args, **kwargs):
+        calls.append(1)
+        x = real(*args, **kwargs)
+        return x * float("nan") if len(calls) == bad_step else x
+
+    monkeypatch.setattr(T, "to_model_range", nan_at)
+    cfg, _ = tiny_config(tmp_path, "nan", extra=["train.log_every=100"])
+    with pytest.raises(T.DivergedError, match=rf"stage 'pretrain'.*{where}.*checkpoint is "
+                                              rf"{'.*ckpt-00000003' if kept else 'none'}"):
+        train(cfg, log=lambda *a: None)
+    out = Path(cfg.train.out_dir)
+    assert [p.name for p in C.list_checkpoints(out / "checkpoints")] == kept
+    for ck in C.list_checkpoints(out / "checkpoints"):
+        assert all(torch.isfinite(v).all() for v in C.load_weights(ck).values())
