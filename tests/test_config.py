@@ -20,7 +20,7 @@ def test_paper_settings():
     (s,) = cfg.stages
     assert (cfg.model.name, cfg.model.patch_size, cfg.data.image_size) == ("uvit-b", 4, 256)
     assert (s.mask, s.mask_ratio, s.block_size, s.batch_size, s.lr) == ("block", 0.9, 4, 256, 2e-4)
-    assert (s.betas, s.weight_decay, s.warmup_steps, s.ema_decay, s.grad_clip) == ((0.99, 0.99), 0.03, 5000, 0.999, 1.0)
+    assert (s.betas, s.weight_decay, s.warmup_steps, s.ema_decay, s.grad_clip) == ((0.99, 0.99), 0.03, 0, 0.999, 1.0)
     assert cfg.diffusion.schedule == "cosine"
     ft = load_config(Path(__file__).parent.parent / "configs" / "celebahq256_b_finetune.yaml")
     assert ft.stages[0].lr == 1e-5 and ft.stages[0].mask == "none" and ft.train.init_weights == "online"
