@@ -28,12 +28,39 @@ _REGISTRY: dict[str, dict[str, tuple[Callable, Callable[..., list[str]] | None]]
 # GPU tests of both backends passed on it): gather+noise CUDA 0.097 / 0.038 ms vs Triton 0.223 / 0.162; loss
 # fwd+bwd 0.53 / 0.75 vs 1.01 / 0.88; scatter 0.136 / 0.065 vs 0.150 / 0.071. So CUDA first for the patch ops.
 _PATCH_GPU_ORDER = ("cuda", "triton", "torch")
-GPU_ORDER: dict[str, tuple[str, ...]] = {op: _PATCH_GPU_ORDER for op in (
-    "gather_patches", "scatter_patches", "masked_noise_loss", "masked_noise_loss_backward")}
+
+
+class _Orders(dict):
+    """op -> GPU order; changing an entry drops the cached choices."""
+
+    def __setitem__(self, op, order):
+        super().__setitem__(op, order)
+        _CHOICES.clear()
+
+
+GPU_ORDER: dict[str, tuple[str, ...]] = _Orders({op: _PATCH_GPU_ORDER for op in (
+    "gather_patches", "scatter_patches", "masked_noise_loss", "masked_noise_loss_backward")})
 _DEFAULT_GPU_ORDER = ("triton", "cuda", "torch")
 _CPU_ORDER = ("cpu", "torch")
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("maskdm_backend", default=None)
+
+# select()'s answers, keyed by everything they depend on: (op, device, dtype, the backend() block, the two
+# environment variables, the determinism flag, caps). Filled on the first call of each key; cleared by register()
+# and by a GPU_ORDER change. A failed selection is not cached (it raises every time, with its reasons).
+_CHOICES: dict[tuple, tuple[str, Callable]] = {}
+
+# NOTE: os.environ.get of an unset variable costs ~3 us (a KeyError raised and caught inside Mapping.get; this
+# repo's CI CPU), more than the rest of a cached select. The raw mapping behind os.environ answers in ~0.05 us and
+# sees every os.environ / monkeypatch change (CPython keeps it in sync); os.environ.get where it is missing.
+_RAW_ENV = getattr(os.environ, "_data", None)
+_encode = getattr(os.environ, "encodekey", None)
+if _RAW_ENV is not None and _encode is not None:
+    _KEY_BACKEND, _KEY_INTERPRET = _encode("MASKDM_BACKEND"), _encode("TRITON_INTERPRET")
+    _env, _decode = _RAW_ENV.get, os.environ.decodevalue
+else:  # pragma: no cover  (not CPython)
+    _KEY_BACKEND, _KEY_INTERPRET = "MASKDM_BACKEND", "TRITON_INTERPRET"
+    _env, _decode = os.environ.get, str
 
 
 def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = None):
@@ -43,6 +70,7 @@ def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = N
 
     def deco(fn):
         _REGISTRY.setdefault(op, {})[backend] = (fn, reasons)
+        _CHOICES.clear()
         return fn
 
     return deco
@@ -64,7 +92,10 @@ def current_backend() -> str:
     """The requested backend: the innermost ``backend(...)`` block, else ``MASKDM_BACKEND``, else ``auto``."""
     name = _forced.get()
     if name is None:
-        name = os.environ.get("MASKDM_BACKEND", "auto").strip().lower() or "auto"
+        raw = _env(_KEY_BACKEND)
+        if raw is None:
+            return "auto"
+        name = _decode(raw).strip().lower() or "auto"
         _check_name(name, "MASKDM_BACKEND")
     return name
 
@@ -136,7 +167,18 @@ def candidates(op: str, device: torch.device) -> tuple[str, ...]:
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, **caps) -> tuple[str, Callable]:
-    """The backend name and implementation for this call, honouring a forced backend."""
+    """The backend name and implementation for this call, honouring a forced backend.
+
+    Cached: after the first call with the same inputs (see ``_CHOICES``) this is a dict lookup, ~1 us."""
+    key = (op, device, dtype, _forced.get(), _env(_KEY_BACKEND), _env(_KEY_INTERPRET),
+           torch.are_deterministic_algorithms_enabled(), tuple(caps.items()) if caps else None)
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = _CHOICES[key] = _select(op, torch.device(device), dtype, **caps)
+    return hit
+
+
+def _select(op: str, device: torch.device, dtype: torch.dtype, **caps) -> tuple[str, Callable]:
     name = current_backend()
     if name != "auto":
         reasons = not_supported_reasons(op, name, device, dtype, **caps)

@@ -52,7 +52,18 @@ class Visible:
         B, nv = idx.shape
         if nv > num_patches:
             raise ValueError(f"Visible.from_index: idx keeps {nv} patches per sample but num_patches={num_patches}")
-        ids = idx.sort(dim=1).values.reshape(-1).to(torch.int32)
+        srt = idx.sort(dim=1).values
+        if srt.device.type == "cpu" and srt.numel():  # host values: checked for free (no device sync)
+            bad = (srt[:, 0] < 0) | (srt[:, -1] >= num_patches)
+            if bad.any():
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"Visible.from_index: idx[{b}] holds a patch id outside [0, num_patches="
+                                 f"{num_patches}): {idx[b].tolist()}")
+            dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+            if dup.any():
+                b = int(dup.nonzero()[0, 0])
+                raise ValueError(f"Visible.from_index: idx[{b}] repeats a patch id: {idx[b].tolist()}")
+        ids = srt.reshape(-1).to(torch.int32)
         cu = torch.arange(B + 1, device=idx.device, dtype=torch.int32) * nv
         return cls(ids, cu, nv, num_patches, True)
 
@@ -60,13 +71,20 @@ class Visible:
     def from_packed(cls, ids: Tensor, cu_seqlens: Tensor, num_patches: int, max_seqlen: int | None = None) -> Visible:
         """Varlen layout from packed ``ids (T,)`` and ``cu_seqlens (B + 1,)`` (both int32).
 
-        ``max_seqlen=None`` computes it from ``cu_seqlens``, which costs one device sync."""
+        ``max_seqlen=None`` computes it from ``cu_seqlens``, which costs one device sync. Values are checked
+        (``validate``) where that costs no extra sync: all of them for CPU tensors, ``cu_seqlens`` when it is
+        read for ``max_seqlen``; call ``validate()`` to check device ids too."""
         _check_int_tensor("ids", ids, 1)
         _check_int_tensor("cu_seqlens", cu_seqlens, 1)
+        on_host = ids.device.type == "cpu" and cu_seqlens.device.type == "cpu"
         if max_seqlen is None:
-            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-            max_seqlen = int(lengths.max().item()) if lengths.numel() else 0  # the one sync
-        return cls(ids, cu_seqlens, int(max_seqlen), num_patches, False)
+            cu = cu_seqlens.cpu()  # the one sync
+            _raise_first(_cu_errors(cu, ids.shape[0]))
+            max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        vis = cls(ids, cu_seqlens, int(max_seqlen), num_patches, False)
+        if on_host:
+            vis.validate()
+        return vis
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> Visible:
@@ -87,6 +105,9 @@ class Visible:
     @classmethod
     def full(cls, batch_size: int, num_patches: int, device=None) -> Visible:
         """Every patch visible (fine-tuning and sampling)."""
+        for name, v, low in (("batch_size", batch_size, 0), ("num_patches", num_patches, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"Visible.full: {name} must be an int >= {low}, got {v!r}")
         ids = torch.arange(num_patches, device=device, dtype=torch.int32).repeat(batch_size)
         cu = torch.arange(batch_size + 1, device=device, dtype=torch.int32) * num_patches
         return cls(ids, cu, num_patches, num_patches, True)
@@ -116,6 +137,38 @@ class Visible:
             return torch.arange(self.batch_size, device=self.device).repeat_interleave(self.max_seqlen)
         return sample_index(self.cu_seqlens, self.total)
 
+    def validate(self) -> Visible:
+        """Check the values (one device sync: both tensors are read on the host) and return ``self``.
+
+        Raises ValueError naming the field: ``cu_seqlens`` not starting at 0, decreasing, or not ending at T;
+        ``ids`` outside ``[0, num_patches)``, not ascending within a sample, or repeated within one;
+        ``max_seqlen`` below the longest sample; ``uniform`` with unequal lengths. The ops never need this to stay
+        memory-safe (bad values give NaN on the device, an error on the C++ CPU kernels); it finds the bad field."""
+        cu, ids = self.cu_seqlens.cpu(), self.ids.cpu().long()
+        _raise_first(_cu_errors(cu, ids.shape[0]))
+        errors = []
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_patches:
+                t = int(((ids < 0) | (ids >= self.num_patches)).nonzero()[0, 0])
+                errors.append(f"ids[{t}]={int(ids[t])} is outside [0, num_patches={self.num_patches})")
+            same = sample_index(cu, ids.shape[0])
+            step = ids[1:] - ids[:-1]
+            inside = same[1:] == same[:-1]
+            for bad, what in ((inside & (step == 0), "repeats a patch id"), (inside & (step < 0), "is not ascending")):
+                if bad.any():
+                    t = int(bad.nonzero()[0, 0])
+                    errors.append(f"ids {what} within sample {int(same[t])} (ids[{t}]={int(ids[t])}, "
+                                  f"ids[{t + 1}]={int(ids[t + 1])})")
+        lengths = cu[1:] - cu[:-1]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if self.max_seqlen < longest:
+            errors.append(f"max_seqlen={self.max_seqlen} is below the longest sample ({longest} tokens)")
+        if self.uniform and lengths.numel() and bool((lengths != lengths[0]).any()):
+            errors.append(f"uniform=True but the samples' lengths differ ({lengths.tolist()[:8]}...)")
+        _raise_first(errors)
+        return self
+
     def to(self, device) -> Visible:
         return Visible(self.ids.to(device), self.cu_seqlens.to(device), self.max_seqlen, self.num_patches,
                        self.uniform)
@@ -133,6 +186,25 @@ def sample_index(cu_seqlens: Tensor, total: int) -> Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
                                    output_size=total)
+
+
+def _cu_errors(cu: Tensor, total: int) -> list[str]:
+    """What is wrong with host ``cu_seqlens (B + 1,)`` for ``total`` tokens (empty: nothing)."""
+    if int(cu[0]) != 0:
+        return [f"cu_seqlens[0] must be 0, got {int(cu[0])}"]
+    down = (cu[1:] < cu[:-1]).nonzero()
+    if down.numel():
+        i = int(down[0, 0])
+        return [f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}]={int(cu[i])} > cu_seqlens[{i + 1}]="
+                + str(int(cu[i + 1]))]
+    if int(cu[-1]) != total:
+        return [f"cu_seqlens[-1] must equal T={total} (the number of ids), got {int(cu[-1])}"]
+    return []
+
+
+def _raise_first(errors: list[str]) -> None:
+    if errors:
+        raise ValueError("Visible: " + "; ".join(errors))
 
 
 def _check_int_tensor(name: str, t, dim: int) -> None:

@@ -7,12 +7,27 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 from .. import _cpp_lib
 from ..dispatch import register
 from ..layout import Visible
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def direct(t: Tensor) -> bool:
+    """True when a call on ``t`` may run its backend's kernel straight from Python, skipping the custom op:
+    eager mode, a plain tensor, no dispatch mode on (FakeTensorMode, FlopCounterMode, ...: they must see the op).
+
+    NOTE: the custom op's own dispatch (its Python autograd kernel, then the Python impl) costs several times the
+    kernel's launch on the host. Measured on this repo's CI CPU (loaded), an elementwise kernel behind each
+    wrapper, fwd+bwd: custom_op + register_autograd 852 us, autograd.Function 546 us, plain aten 389 us.
+    Under torch.compile the custom op is what gets traced (one node, its fake), so this path is eager only."""
+    return ((type(t) is Tensor or type(t) is Parameter) and not torch.compiler.is_compiling()
+            and not _dispatch_modes())
 
 
 def fail(op: str, arg: str, msg: str, exc=ValueError):

@@ -14,6 +14,7 @@ from ._common import (
     check_patch_size,
     check_per_sample,
     check_visible,
+    direct,
     fail,
     register_compiled,
 )
@@ -36,20 +37,29 @@ def _(images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale):
 
 def _setup_context(ctx, inputs, output):
     images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale = inputs
-    ctx.patch_size = patch_size
-    ctx.image_size = tuple(images.shape)
-    ctx.dtypes = (images.dtype, noise.dtype if noise is not None else None)
+    _save_meta(ctx, images, patch_size, noise)
     ctx.save_for_backward(ids, cu_seqlens, signal_scale, noise_scale)
 
 
+def _save_meta(ctx, images, patch_size, noise):
+    ctx.patch_size = patch_size
+    ctx.image_size = tuple(images.shape)
+    ctx.dtypes = (images.dtype, noise.dtype if noise is not None else None)
+
+
 def _backward(ctx, grad):
+    return _grads(ctx, grad, ctx.saved_tensors, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
+
+
+def _grads(ctx, grad, saved, need_x: bool, need_n: bool):
     # d out / d images = scatter(grad) * signal_scale[b]; the same for noise with noise_scale. Scales get none.
-    ids, cu_seqlens, signal_scale, noise_scale = ctx.saved_tensors
+    from .scatter_patches import scatter_tokens  # (scatter's backward is a gather: the two modules import each other)
+
+    ids, cu_seqlens, signal_scale, noise_scale = saved
     B, C, H, W = ctx.image_size
-    need_x, need_n = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
     base = None
     if need_x or need_n:
-        base = torch.ops.maskdm.scatter_patches(grad.contiguous(), ids, cu_seqlens, ctx.patch_size, B, C, H, W, 0.0)
+        base = scatter_tokens(grad.contiguous(), ids, cu_seqlens, ctx.patch_size, B, C, H, W, 0.0)
     gx = gn = None
     if need_x:
         gx = base if signal_scale is None else base * signal_scale.to(base.dtype).view(B, 1, 1, 1)
@@ -63,8 +73,34 @@ def _backward(ctx, grad):
 _gather_patches.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Gather(torch.autograd.Function):
+    """The eager path (``direct``): the custom op's forward and backward, the kernel called directly."""
+
+    @staticmethod
+    def forward(ctx, fn, images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale):
+        _save_meta(ctx, images, patch_size, noise)
+        ctx.save_for_backward(ids, cu_seqlens, signal_scale, noise_scale)
+        return fn(images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *_grads(ctx, grad, ctx.saved_tensors, ctx.needs_input_grad[1], ctx.needs_input_grad[5]))
+
+
+def gather_tokens(images: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int, noise: Tensor | None = None,
+                  signal_scale: Tensor | None = None, noise_scale: Tensor | None = None) -> Tensor:
+    """``gather_patches`` on the raw layout, unchecked: the custom op, or its kernel directly in eager mode."""
+    if not direct(images):
+        return _gather_patches(images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale)
+    fn = select(OP, images.device, images.dtype)[1]
+    if torch.is_grad_enabled() and (images.requires_grad or (noise is not None and noise.requires_grad)):
+        return _Gather.apply(fn, images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale)
+    return fn(images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale)
+
+
 def gather_patches(images: Tensor, vis: Visible, patch_size: int, noise: Tensor | None = None,
-                   signal_scale: Tensor | None = None, noise_scale: Tensor | None = None) -> Tensor:
+                   signal_scale: Tensor | None = None, noise_scale: Tensor | None = None,
+                   validate: bool = False) -> Tensor:
     """Visible patches of ``signal_scale[b] * images + noise_scale[b] * noise`` as packed tokens.
 
     Args:
@@ -73,10 +109,20 @@ def gather_patches(images: Tensor, vis: Visible, patch_size: int, noise: Tensor 
         patch_size: p, must divide H and W.
         noise: optional ``(B, C, H, W)``, same device; read only at the visible patches.
         signal_scale, noise_scale: optional ``(B,)`` per-sample scales (e.g. sqrt(abar_t), sqrt(1 - abar_t)).
+        validate: check ``vis``'s values first (``Visible.validate``: one device sync) and raise a ValueError
+            naming the bad field. Off: a patch id outside ``[0, N)`` gives a NaN row, a malformed ``cu_seqlens``
+            NaN rows (see ``Visible``); the C++ CPU kernel raises instead (its values are on the host).
     Returns:
         ``(T, p*p*C)`` in ``images.dtype``, pixel order ``(p1 p2 c)``; fp32 math. The full noisy image is never
         materialised. Differentiable in ``images`` and ``noise`` (not in the scales).
     """
+    _check(images, vis, patch_size, noise, signal_scale, noise_scale)  # compiled: runs at trace time only
+    if validate:
+        vis.validate()
+    return gather_tokens(images, vis.ids, vis.cu_seqlens, patch_size, noise, signal_scale, noise_scale)
+
+
+def _check(images, vis, patch_size, noise, signal_scale, noise_scale) -> None:
     check_float(OP, "images", images, 4)
     B, _C, H, W = images.shape
     check_patch_size(OP, patch_size, H, W)
@@ -92,7 +138,6 @@ def gather_patches(images: Tensor, vis: Visible, patch_size: int, noise: Tensor 
         fail(OP, "noise_scale", "was given without noise")
     check_per_sample(OP, "signal_scale", signal_scale, B, images.device)
     check_per_sample(OP, "noise_scale", noise_scale, B, images.device)
-    return _gather_patches(images, vis.ids, vis.cu_seqlens, patch_size, noise, signal_scale, noise_scale)
 
 
 register(OP, "torch")(reference.gather_patches_ref)

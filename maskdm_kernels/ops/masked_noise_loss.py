@@ -22,6 +22,7 @@ from ._common import (
     check_patch_size,
     check_per_sample,
     check_visible,
+    direct,
     fail,
     register_compiled,
 )
@@ -71,8 +72,35 @@ def _backward(ctx, grad):
 _masked_noise_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Loss(torch.autograd.Function):
+    """The eager path (``direct``): the custom op's forward and backward, the kernels called directly."""
+
+    @staticmethod
+    def forward(ctx, fn, pred, noise, ids, cu_seqlens, patch_size, weight):
+        ctx.patch_size = patch_size
+        ctx.save_for_backward(pred, noise, ids, cu_seqlens, weight)
+        return fn(pred, noise, ids, cu_seqlens, patch_size, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pred, noise, ids, cu_seqlens, weight = ctx.saved_tensors
+        fn = select(OP_BWD, pred.device, pred.dtype)[1]
+        return None, fn(grad, pred, noise, ids, cu_seqlens, ctx.patch_size, weight), None, None, None, None, None
+
+
+def loss_tokens(pred: Tensor, noise: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int,
+                weight: Tensor | None = None) -> Tensor:
+    """``masked_noise_loss`` on the raw layout, unchecked: the custom op, or its kernels directly in eager mode."""
+    if not direct(pred):
+        return _masked_noise_loss(pred, noise, ids, cu_seqlens, patch_size, weight)
+    fn = select(OP, pred.device, pred.dtype)[1]
+    if pred.requires_grad and torch.is_grad_enabled():
+        return _Loss.apply(fn, pred, noise, ids, cu_seqlens, patch_size, weight)
+    return fn(pred, noise, ids, cu_seqlens, patch_size, weight)
+
+
 def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int,
-                      weight: Tensor | None = None) -> Tensor:
+                      weight: Tensor | None = None, validate: bool = False) -> Tensor:
     """Mean over samples of ``weight[b] *`` mean over b's visible elements of ``(pred - target)^2``.
 
     Args:
@@ -81,6 +109,9 @@ def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int
             and never gathered into a tensor.
         vis: the kept patches.
         weight: optional ``(B,)`` per-sample loss weights (e.g. min-SNR); not differentiated.
+        validate: check ``vis``'s values first (one device sync; a ValueError names the field). Off: a patch
+            id outside ``[0, N)`` or a malformed ``cu_seqlens`` gives a NaN loss (and NaN gradient rows); the C++
+            CPU kernels raise instead (their values are on the host).
     Returns:
         0-dim float32 loss, differentiable in ``pred``. A sample with no visible token contributes 0.
     """
@@ -96,7 +127,9 @@ def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int
         fail(OP, "pred", f"must have shape (T, p*p*C) = ({vis.total}, {patch_size * patch_size * C}), "
              f"got {tuple(pred.shape)}")
     check_per_sample(OP, "weight", weight, B, noise.device)
-    return _masked_noise_loss(pred, noise, vis.ids, vis.cu_seqlens, patch_size, weight)
+    if validate:
+        vis.validate()
+    return loss_tokens(pred, noise, vis.ids, vis.cu_seqlens, patch_size, weight)
 
 
 register(OP, "torch")(reference.masked_noise_loss_ref)

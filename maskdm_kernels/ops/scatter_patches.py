@@ -8,7 +8,15 @@ from torch import Tensor
 from .. import reference
 from ..dispatch import register, select
 from ..layout import Visible
-from ._common import check_float, check_num_patches, check_patch_size, check_visible, fail, register_compiled
+from ._common import (
+    check_float,
+    check_num_patches,
+    check_patch_size,
+    check_visible,
+    direct,
+    fail,
+    register_compiled,
+)
 
 OP = "scatter_patches"
 
@@ -32,19 +40,49 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    from .gather_patches import gather_tokens  # (gather's backward is a scatter: the two modules import each other)
+
     ids, cu_seqlens = ctx.saved_tensors
-    g = torch.ops.maskdm.gather_patches(grad, ids, cu_seqlens, ctx.patch_size, None, None, None)
-    return g, None, None, None, None, None, None, None, None
+    return gather_tokens(grad, ids, cu_seqlens, ctx.patch_size), None, None, None, None, None, None, None, None
 
 
 _scatter_patches.register_autograd(_backward, setup_context=_setup_context)
 
 
-def scatter_patches(tokens: Tensor, vis: Visible, patch_size: int, image_size, fill: float = 0.0) -> Tensor:
+class _Scatter(torch.autograd.Function):
+    """The eager path (``direct``): the custom op's forward and backward, the kernel called directly."""
+
+    @staticmethod
+    def forward(ctx, fn, tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill):
+        ctx.patch_size = patch_size
+        ctx.save_for_backward(ids, cu_seqlens)
+        return fn(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, *_backward(ctx, grad)
+
+
+def scatter_tokens(tokens: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int, batch: int, channels: int,
+                   height: int, width: int, fill: float) -> Tensor:
+    """``scatter_patches`` on the raw layout, unchecked: the custom op, or its kernel directly in eager mode."""
+    if not direct(tokens):
+        return _scatter_patches(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill)
+    fn = select(OP, tokens.device, tokens.dtype)[1]
+    if tokens.requires_grad and torch.is_grad_enabled():
+        return _Scatter.apply(fn, tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill)
+    return fn(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill)
+
+
+def scatter_patches(tokens: Tensor, vis: Visible, patch_size: int, image_size, fill: float = 0.0,
+                    validate: bool = False) -> Tensor:
     """Inverse of ``gather_patches``: tokens ``(T, p*p*C)`` to images ``(B, C, H, W)``.
 
     ``image_size`` is ``H`` (square) or ``(H, W)``; C is ``p*p*C // p**2``; masked patches hold ``fill``.
     Returns a contiguous tensor in ``tokens.dtype``; differentiable in ``tokens`` (the gradient is a gather).
+    ``validate``: check ``vis``'s values first (one device sync; a ValueError names the field). Off: a token
+    whose patch id is outside ``[0, N)`` makes its sample's image NaN (it has nowhere to go), a malformed
+    ``cu_seqlens`` every image; the C++ CPU kernel raises instead (its values are on the host).
     """
     check_float(OP, "tokens", tokens, 2)
     if isinstance(image_size, int):
@@ -61,8 +99,10 @@ def scatter_patches(tokens: Tensor, vis: Visible, patch_size: int, image_size, f
         fail(OP, "tokens", f"last dim {P} is not a multiple of patch_size**2={patch_size ** 2}")
     if tokens.shape[0] != vis.total:
         fail(OP, "tokens", f"has {tokens.shape[0]} rows but vis keeps {vis.total} tokens")
-    return _scatter_patches(tokens, vis.ids, vis.cu_seqlens, patch_size, vis.batch_size, P // patch_size ** 2,
-                            H, W, float(fill))
+    if validate:
+        vis.validate()
+    return scatter_tokens(tokens, vis.ids, vis.cu_seqlens, patch_size, vis.batch_size, P // patch_size ** 2,
+                          H, W, float(fill))
 
 
 def _scatter_ref(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill):
