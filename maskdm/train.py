@@ -415,8 +415,9 @@ def _guard(run: _Run, st: _Stage) -> None:
 def _diverged(run: _Run, st: _Stage, first: int, detail: str) -> None:
     good = ckpt_io.list_checkpoints(run.ckdir)
     i = st.index
-    raise DivergedError(f"training diverged in stage '{st.cfg.name}': a non-finite loss or gradient norm between "
-                        f"steps {first} and {run.step} ({detail}); stopped without saving, the newest good "
+    steps = f"at step {first}" if first == run.step else f"between steps {first} and {run.step}"
+    raise DivergedError(f"training diverged in stage '{st.cfg.name}': a non-finite loss or gradient norm {steps} "
+                        f"({detail}); stopped without saving, the newest good "
                         f"checkpoint is {good[-1] if good else 'none'}; lower stages[{i}].lr or set "
                         f"stages[{i}].grad_clip, then --resume")
 
