@@ -7,10 +7,11 @@ Every op dispatches among the ``cuda``, ``triton``, ``cpu`` and ``torch`` backen
 from . import reference
 from .dispatch import BACKENDS, backend, current_backend
 from .layout import Visible
+from .ops.attention import attention
 from .ops.gather_patches import gather_patches
 from .ops.masked_noise_loss import masked_noise_loss
 from .ops.scatter_patches import scatter_patches
-from .ops.varlen_attention import attention, varlen_attention
+from .ops.varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
 

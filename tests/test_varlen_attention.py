@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import maskdm_kernels as mk
 from maskdm_kernels import dispatch
-from maskdm_kernels.reference import attention_ref, varlen_attention_ref
+from maskdm_kernels.reference import varlen_attention_ref
 
 from .utils import DEVICES
 
@@ -188,8 +188,25 @@ def test_no_leak_between_sequences(backend):
     assert not torch.equal(before[17:81], after[17:81])
 
 
+@pytest.fixture(params=["fused", "two-kernel"])
+def bwd_scheme(request, monkeypatch):
+    """The Triton backward's two schemes: one program per (sequence, head) below FUSED_BWD_MAX_SEQLEN, else the
+    dK/dV + dQ kernels (forced here by lowering the threshold)."""
+    if request.param == "two-kernel":
+        from maskdm_kernels.ops import varlen_attention_triton
+
+        monkeypatch.setattr(varlen_attention_triton, "FUSED_BWD_MAX_SEQLEN", 0)
+    return request.param
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("lengths", [(200, 1, 16, 33, 129), (64, 64, 64)])  # varlen; uniform with even blocks
+def test_triton_backward_schemes(bwd_scheme, lengths):
+    _compare("triton", lengths, 2, 40, torch.float32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_deterministic(device):
+def test_triton_deterministic(device, bwd_scheme):
     qkv, cu, L = _case((129, 17, 64), 2, 40, torch.float16, device)
     dout = torch.randn(qkv.shape[0], 2, 40, device=device, dtype=torch.float16)
     first = _run("triton", qkv, cu, L, dout)
@@ -209,22 +226,6 @@ def test_empty_and_single_token_sequences(backend):
     _check("grad", grad, ref_grad, 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_uniform_attention(backend):
-    """attention(): (B, N, H, Dh) in and out, including strided views of a fused (B, N, 3, H, Dh) projection."""
-    qkv = torch.randn(3, 37, 3, 2, 24, dtype=torch.float32, requires_grad=True)
-    q, k, v = qkv.unbind(2)
-    with mk.backend(backend):
-        out = mk.attention(q, k, v, softmax_scale=0.2)
-        (grad,) = torch.autograd.grad(out.square().sum(), qkv)
-    leaf = qkv.detach().double().requires_grad_(True)
-    ref = attention_ref(*leaf.unbind(2), softmax_scale=0.2)
-    (ref_grad,) = torch.autograd.grad(ref.square().sum(), leaf)
-    assert out.shape == (3, 37, 2, 24)
-    _check("out", out, ref, 1e-5)
-    _check("grad", grad, ref_grad, 1e-4)
-
-
 def test_torch_backend_float64_is_exact():
     qkv, cu, L = _case((1, 17, 64, 70), 2, 40, torch.float64)
     dout = torch.randn(qkv.shape[0], 2, 40, dtype=torch.float64)
@@ -236,7 +237,7 @@ def test_torch_backend_float64_is_exact():
 
 def test_torch_backend_without_fused_kernel(monkeypatch):
     """The path CUDA's backward and older torch take: explicit-math forward, recompute + torch.func.vjp backward."""
-    from maskdm_kernels.ops import varlen_attention as op
+    from maskdm_kernels.ops import varlen_attention_torch as op
 
     monkeypatch.setattr(op, "_cpu_fused", lambda: False)
     for lengths in ((1, 17, 64, 70), (33, 33)):
@@ -251,13 +252,35 @@ def test_torch_backend_without_fused_kernel(monkeypatch):
 def test_auto_and_reasons():
     cpu = torch.device("cpu")
     assert dispatch.select("varlen_attention", cpu, torch.float32, head_dim=64)[0] == "torch"
-    assert dispatch.candidates("varlen_attention", torch.device("cuda"))[0] == "triton"
-    assert dispatch.candidates("attention", torch.device("cuda"))[0] == "torch"  # SDPA: faster on uniform batches
     reasons = dispatch.not_supported_reasons("varlen_attention", "triton", cpu, torch.float32, head_dim=136)
     assert any("head dim 136" in r for r in reasons)
-    reasons = dispatch.not_supported_reasons("varlen_attention", "triton", cpu, torch.float32, head_dim=64,
-                                             batch_heads=70000)
-    assert any("65535" in r for r in reasons)
+    reasons = dispatch.not_supported_reasons("varlen_attention", "flash", cpu, torch.float32, head_dim=64)
+    assert any("CUDA tensors" in r for r in reasons) and any("float16 / bfloat16" in r for r in reasons)
+    with mk.backend("flash"), pytest.raises(RuntimeError, match="flash"):
+        mk.varlen_attention(*_case((3, 4), 2, 16, torch.float32)[0].detach().unbind(1),
+                            torch.tensor([0, 3, 7], dtype=torch.int32), 4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_auto_order_per_shape_class(monkeypatch, deterministic):
+    """On CUDA, `auto` follows AUTO_ORDER per shape class; the flash backward only while nondeterminism is allowed.
+    Checked with the reasons of every backend stubbed to none (no GPU needed: `choose` reads shapes only)."""
+    from maskdm_kernels.ops import varlen_attention as op
+
+    monkeypatch.setattr(dispatch, "not_supported_reasons", lambda *a, **k: [])
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    op._CHOICE.clear()
+    cuda = torch.device("cuda")
+    try:
+        assert op.shape_class(64 * 417, 64, 417) == "uniform-short"
+        assert op.shape_class(8 * 4097, 8, 4097) == "uniform-long"
+        assert op.shape_class(100, 3, 50) == "varlen"
+        assert op.choose(op.OP, cuda, torch.bfloat16, 64, "varlen")[0] == "triton"
+        assert op.choose(op.OP_BWD, cuda, torch.bfloat16, 64, "varlen")[0] == ("triton" if deterministic else "flash")
+        assert op.choose(op.OP, cuda, torch.bfloat16, 64, "uniform-short")[0] == "flash"  # forward: deterministic
+        assert op.choose(op.OP_BWD, cuda, torch.bfloat16, 64, "uniform-long")[0] == "triton"
+    finally:
+        op._CHOICE.clear()
 
 
 def _bad(**over):
@@ -332,22 +355,3 @@ def test_torch_compile_fullgraph(backend, compiler):
     torch.testing.assert_close(y, y_eager)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("backend", [TRITON, "torch", "auto"])
-def test_uniform_attention_compiles_fullgraph(backend):
-    """``attention`` (SDPA on the torch backend, the varlen kernels on Triton) traces in one graph."""
-    torch.manual_seed(0)
-    qkv = torch.randn(3, 7, 3, 2, 24, requires_grad=True)  # (B, N, 3, H, Dh): N and Dh not powers of two
-
-    def fn(t):
-        return mk.attention(*t.unbind(2)).square().sum()
-
-    with mk.backend(backend):
-        (g_eager,) = torch.autograd.grad(fn(qkv), qkv)
-        (g,) = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(qkv), qkv)
-    torch.testing.assert_close(g, g_eager)
-    leaf = qkv.detach().double().requires_grad_(True)
-    (g_ref,) = torch.autograd.grad(
-        attention_ref(*leaf.unbind(2)).square().sum(), leaf)
-    torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,90 @@
+"""The ``flash`` backend of varlen_attention: PyTorch's own varlen FlashAttention-2 (or cuDNN) kernels.
+
+Calls the ops behind ``torch.nn.attention.varlen.varlen_attn`` (``torch.ops.torch_attn._varlen_attn`` and its
+backward: FlashAttention-2, or cuDNN on Hopper / Blackwell with cuDNN >= 9.18, as PyTorch picks), else the aten
+``_flash_attention_forward`` / ``_flash_attention_backward`` ops directly. Both save ``lse (H, T)`` float32 in the
+natural log, as the other backends do, so the forward and backward may run on different backends. CUDA, fp16 and
+bf16, sm80+ only; the backward accumulates dQ with atomics, so it is not deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..dispatch import register
+
+OP = "varlen_attention"
+OP_BWD = "varlen_attention_backward"
+
+
+def _varlen_ops():
+    """``(forward, backward)`` of torch.nn.attention.varlen, or None on a torch without them."""
+    try:
+        import torch.nn.attention.varlen
+
+        return torch.ops.torch_attn._varlen_attn, torch.ops.torch_attn._varlen_attn_backward
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def _has_aten_flash() -> bool:
+    return hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(torch.ops.aten, "_flash_attention_backward")
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def flash_reasons(device: torch.device | None = None, dtype: torch.dtype | None = None, head_dim: int | None = None,
+                  **_) -> list[str]:
+    reasons = []
+    if _varlen_ops() is None and not _has_aten_flash():
+        reasons.append(f"torch {torch.__version__} has neither torch.nn.attention.varlen nor aten flash ops")
+    if not torch.backends.cuda.is_flash_attention_available():
+        reasons.append("this torch build has no FlashAttention kernels")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"FlashAttention runs float16 / bfloat16 only, got {dtype}")
+    if head_dim is not None and (head_dim % 8 or head_dim > 256):
+        reasons.append(f"head dim {head_dim} is not a multiple of 8 up to 256")
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        if major < 8:
+            reasons.append(f"FlashAttention-2 needs sm80 or newer, this GPU is sm{major}{minor}")
+    return reasons
+
+
+def _rng_state(q):
+    return torch.zeros((2,), dtype=torch.uint64, device=q.device)  # dropout is 0: never read
+
+
+def flash_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    """``out (T, H, Dh)``, ``lse (H, T)`` float32. The kernels need a unit head-dim stride (qkv views have it)."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    ops = _varlen_ops()
+    if ops is not None:
+        out, lse, _ = ops[0](q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, False, softmax_scale)
+    else:
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False, scale=softmax_scale)[:2]
+    return out.contiguous(), lse.float().contiguous()
+
+
+def flash_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale):
+    dout, q, k, v, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (dout, q, k, v, out))
+    ops = _varlen_ops()
+    if ops is not None:
+        grads = ops[1](dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, False,
+                       _rng_state(q), softmax_scale)
+    else:
+        unused = torch.empty(0, device=q.device)
+        grads = torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, _rng_state(q),
+            unused, scale=softmax_scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+register(OP, "flash", flash_reasons)(flash_forward)
+register(OP_BWD, "flash", flash_reasons)(flash_backward)
