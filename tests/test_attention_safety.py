@@ -138,3 +138,21 @@ def test_nan_inputs_propagate(backend):
         out = mk.varlen_attention(q.nan_to_num(), k2, v, cu, 7)
         assert torch.isnan(out[5:, 0]).all() and torch.isfinite(out[:5]).all() and torch.isfinite(out[5:, 1]).all()
         assert torch.isnan(mk.varlen_attention(k, k, v, cu, 7, softmax_scale=math.nan)).all()
+
+
+@pytest.mark.parametrize("name", list(BAD_LAYOUTS))
+def test_flash_guard(name):
+    """The flash backend's guard (plain tensor ops, so it runs here; the flash kernels need CUDA): the cu_seqlens
+    handed to the kernels stays monotone inside [0, T], and row_ok is False on exactly the rows that must be NaN."""
+    from maskdm_kernels.ops.varlen_attention_flash import _guard
+
+    cu, max_seqlen, T, nan_rows = BAD_LAYOUTS[name]
+    if name == "uniform-mismatch":  # flash has no uniform path: the layout itself is valid, only max_seqlen is not
+        nan_rows = (2, 6)
+    safe, row_ok = _guard(torch.tensor(cu, dtype=torch.int32), T, max_seqlen)
+    assert (safe >= 0).all() and (safe <= T).all() and (safe.diff() >= 0).all()
+    expect = torch.ones(T, dtype=torch.bool)
+    expect[slice(None) if nan_rows == "all" else slice(*nan_rows)] = False
+    assert torch.equal(row_ok, expect)
+    _, ok = _guard(torch.tensor([0, 2, 2, 7], dtype=torch.int32), 7, 5)
+    assert ok.all()

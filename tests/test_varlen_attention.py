@@ -131,6 +131,18 @@ def test_triton_other_block_sizes(monkeypatch, block_m, block_n):
     _compare("triton", (200, 1, 16, 33, 129), 1, 40, torch.float32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash backend runs PyTorch's CUDA FlashAttention kernels")
+@pytest.mark.parametrize("lengths", [LONG, (64, 64, 64)])
+def test_flash_backend_matches_reference(lengths):
+    """Same accuracy rule as the other backends; skipped with the dispatcher's reasons where flash cannot run."""
+    reasons = dispatch.not_supported_reasons("varlen_attention", "flash", torch.device("cuda"), torch.float16,
+                                             head_dim=64)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    for dtype in (torch.float16, torch.bfloat16):
+        _compare("flash", lengths, 2, 64, dtype, "cuda")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse(backend):
     """The forward op's second output is the natural-log log-sum-exp of each row's scaled scores, (H, T) fp32."""

@@ -4,7 +4,8 @@ Calls the ops behind ``torch.nn.attention.varlen.varlen_attn`` (``torch.ops.torc
 backward: FlashAttention-2, or cuDNN on Hopper / Blackwell with cuDNN >= 9.18, as PyTorch picks), else the aten
 ``_flash_attention_forward`` / ``_flash_attention_backward`` ops directly. Both save ``lse (H, T)`` float32 in the
 natural log, as the other backends do, so the forward and backward may run on different backends. CUDA, fp16 and
-bf16, sm80+ only; the backward accumulates dQ with atomics, so it is not deterministic.
+bf16, sm80+ only; the backward accumulates dQ with atomics, so it is not deterministic. Bad ``cu_seqlens`` /
+``max_seqlen`` values are made safe on the device (``_guard``: ~8 small ops per call, no sync).
 """
 
 from __future__ import annotations
@@ -56,6 +57,23 @@ def flash_reasons(device: torch.device | None = None, dtype: torch.dtype | None 
     return reasons
 
 
+def _guard(cu_seqlens, total: int, max_seqlen: int):
+    """(cu_seqlens the kernels can read safely, row_ok (T,) bool), with no sync. The kernels trust cu_seqlens (a
+    value past T reads out of bounds) and leave the rows of a sequence longer than max_seqlen unwritten, so they get
+    ``cummax(clamp(cu, 0, T))`` (monotone, within [0, T]) and every row of a bad layout is set to NaN after."""
+    cu = cu_seqlens.clamp(0, total).cummax(0).values
+    B = cu.shape[0] - 1
+    lengths = cu[1:] - cu[:-1]
+    seg = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device, dtype=cu.dtype), right=True).clamp_(
+        max=B - 1)
+    layout_ok = (cu == cu_seqlens).all() & (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total)
+    return cu, (lengths <= max_seqlen)[seg] & layout_ok
+
+
+def _nan_rows(x, row_ok):
+    return torch.where(row_ok[:, None, None], x, float("nan")).contiguous()
+
+
 def _rng_state(q):
     return torch.zeros((2,), dtype=torch.uint64, device=q.device)  # dropout is 0: never read
 
@@ -63,27 +81,28 @@ def _rng_state(q):
 def flash_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     """``out (T, H, Dh)``, ``lse (H, T)`` float32. The kernels need a unit head-dim stride (qkv views have it)."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cu, row_ok = _guard(cu_seqlens, q.shape[0], max_seqlen)
     ops = _varlen_ops()
     if ops is not None:
-        out, lse, _ = ops[0](q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, False, softmax_scale)
+        out, lse, _ = ops[0](q, k, v, cu, cu, max_seqlen, max_seqlen, False, softmax_scale)
     else:
         out, lse = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False, scale=softmax_scale)[:2]
-    return out.contiguous(), lse.float().contiguous()
+            q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False, False, scale=softmax_scale)[:2]
+    return _nan_rows(out, row_ok), torch.where(row_ok[None, :], lse.float(), float("nan")).contiguous()
 
 
 def flash_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale):
     dout, q, k, v, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (dout, q, k, v, out))
+    cu, row_ok = _guard(cu_seqlens, q.shape[0], max_seqlen)
     ops = _varlen_ops()
     if ops is not None:
-        grads = ops[1](dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, False,
-                       _rng_state(q), softmax_scale)
+        grads = ops[1](dout, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, False, _rng_state(q), softmax_scale)
     else:
         unused = torch.empty(0, device=q.device)
         grads = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, _rng_state(q),
-            unused, scale=softmax_scale)
-    return tuple(g.contiguous() for g in grads)
+            dout, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, 0.0, False, _rng_state(q), unused,
+            scale=softmax_scale)
+    return tuple(_nan_rows(g, row_ok) for g in grads)
 
 
 register(OP, "flash", flash_reasons)(flash_forward)
