@@ -2,12 +2,13 @@
 and the loss curve.
 
 The loop syncs with the device once per ``train.log_every`` steps (``Window.flush``), and that one read also
-tells whether any step since the last one had a non-finite loss or gradient norm.
+tells whether any step since the last one had a non-finite loss or gradient norm (the sums would be).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,46 +20,44 @@ __all__ = ["MetricsLog", "Window", "check_tensorboard", "plot_loss"]
 
 
 class Window:
-    """Per-step values accumulated on the device since the last log point: the loss sum, the step count, the
-    newest gradient norm, and a flag set by any non-finite loss or gradient norm. ``add`` never syncs."""
+    """The loss and gradient-norm sums of the steps since the last log point, kept on the device. A non-finite
+    value in any step makes its sum non-finite, so the sums also answer "did any step go non-finite?" (a finite
+    overflow would need values near 3e38: a divergence too). ``add`` is two in-place adds and never syncs."""
 
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)
-        self.bad = torch.zeros((), device=device)
-        self.grad_norm = None
+        self.grad_norm = torch.zeros((), device=device)
         self.n = 0
         self.t0 = time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """``loss``, ``grad_norm``: 0-dim fp32 device tensors of one step."""
         self.loss += loss
-        # One op for both: the sum is non-finite iff either is (barring overflow past 3e38, itself a divergence).
-        self.bad = torch.maximum(self.bad, (~torch.isfinite(loss + grad_norm)).float())
-        self.grad_norm = grad_norm
+        self.grad_norm += grad_norm
         self.n += 1
 
     def nonfinite(self, d) -> bool:
         """Whether any rank saw a non-finite value since the last flush (one sync; a collective with ranks)."""
-        bad = self.bad.clone()
+        bad = (~torch.isfinite(self.loss + self.grad_norm)).float()
         if d.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad)
 
     def flush(self, d, step: int, stage: str, lr: float, global_batch: int) -> tuple[dict, bool]:
-        """The log record of the window (loss averaged over steps and ranks) and whether it saw a non-finite
-        value; then start a new window. One all-reduce and one host sync."""
-        vals = torch.stack([self.loss, self.bad, self.grad_norm.float()])
+        """The log record of the window (loss and grad norm averaged over steps and ranks) and whether it saw a
+        non-finite value; then start a new window. One all-reduce and one host sync."""
+        vals = torch.stack([self.loss, self.grad_norm])
         if d.world > 1:
             dist.all_reduce(vals)
-        loss_sum, bad, gnorm = vals.tolist()
-        now = time.perf_counter()
-        rec = {"step": step, "stage": stage, "loss": loss_sum / d.world / max(self.n, 1), "lr": lr,
-               "grad_norm": gnorm / d.world, "img_per_s": round(self.n * global_batch / max(now - self.t0, 1e-9), 1),
+        loss_sum, gnorm_sum = vals.tolist()
+        now, n = time.perf_counter(), max(self.n, 1)
+        rec = {"step": step, "stage": stage, "loss": loss_sum / d.world / n, "lr": lr,
+               "grad_norm": gnorm_sum / d.world / n, "img_per_s": round(self.n * global_batch / max(now - self.t0, 1e-9), 1),
                "time": round(time.time(), 3)}
         self.loss.zero_()
-        self.bad.zero_()
+        self.grad_norm.zero_()
         self.n, self.t0 = 0, time.perf_counter()
-        return rec, bad > 0
+        return rec, not math.isfinite(loss_sum + gnorm_sum)
 
 
 class MetricsLog:

@@ -400,8 +400,7 @@ def _log_window(run: _Run, st: _Stage, lr: float) -> None:
     if st.bar is not None:
         st.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}", refresh=False)
     if bad:
-        _diverged(run, st, first, f"loss {rec['loss']:.4g} over the window, grad norm {rec['grad_norm']:.4g} at its "
-                                  f"end")
+        _diverged(run, st, first, f"mean loss {rec['loss']:.4g}, mean grad norm {rec['grad_norm']:.4g}")
     st.checked = run.step
 
 

@@ -133,6 +133,15 @@ def test_overwrite_empties_a_run_folder(tmp_path):
     lock.release()
 
 
+def test_run_folder_from_before_markers_may_resume(tmp_path):
+    out = tmp_path / "old"
+    _save(out / "checkpoints", 1)
+    with pytest.raises(RunDirError, match="not a maskdm run folder"):
+        prepare_run_dir(out, resume=False, overwrite=False)
+    prepare_run_dir(out, resume=True, overwrite=False).release()
+    assert (out / MARKER).is_file()
+
+
 def test_second_live_run_is_refused(tmp_path):
     out = tmp_path / "run"
     lock = prepare_run_dir(out, resume=False, overwrite=False)

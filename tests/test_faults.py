@@ -47,6 +47,18 @@ def test_overwrite_never_empties_the_working_directory(cfg_path, tmp_path, monke
     assert (other / "a.jpg").is_file() and not (other / MARKER).exists()
 
 
+def test_overwrite_starts_a_run_folder_over(cfg_path, tmp_path, capsys):
+    out = tmp_path / "again"
+    short = ["stages.pretrain.steps=1", "stages.finetune.steps=0"]
+    assert run(cfg_path, out, *short) == 0
+    (out / "stray.txt").write_text("from the old run")
+    assert run(cfg_path, out, *short) == 2  # without --overwrite: the old run's checkpoints are kept
+    assert "already holds checkpoints" in one_line(capsys)
+    assert run(cfg_path, out, *short, "--overwrite") == 0
+    assert not (out / "stray.txt").exists() and (out / MARKER).is_file()
+    assert [p.name for p in C.list_checkpoints(out / "checkpoints")] == ["ckpt-00000001"]
+
+
 def test_diverging_run_exits_3_keeping_no_bad_checkpoint(cfg_path, tmp_path, capsys):
     out = tmp_path / "div"
     assert run(cfg_path, out, "stages.pretrain.lr=1e12", "stages.pretrain.grad_clip=0") == 3

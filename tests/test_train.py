@@ -331,7 +331,7 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint(reference_run, cap
 
 @pytest.mark.parametrize("bad_step, where, kept", [
     (2, r"between steps 1 and 3 \(found before writing a checkpoint", []),  # the check before the ckpt-3 save
-    (5, r"between steps 4 and 5 \(loss nan", ["ckpt-00000003"]),  # the stage-end log point, before its save
+    (5, r"between steps 4 and 5 \(mean loss nan", ["ckpt-00000003"]),  # the stage-end log point, before its save
 ])
 def test_non_finite_step_stops_without_saving(tmp_path, monkeypatch, bad_step, where, kept):
     """NaN pixels in the batch of one step make its loss and grad norm NaN. With log_every=100 the run stops at
