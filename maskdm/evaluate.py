@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EffNetLite0Features", "FeatureMetrics", "backbone_name", "frechet_distance", "make_backbone",
-           "real_images", "score_models"]
+__all__ = ["EffNetLite0Features", "FeatureMetrics", "backbone_name", "check_numbers", "eval_options", "frechet_distance",
+           "make_backbone", "real_features", "real_images", "real_set", "score_models"]
 
 
 class EffNetLite0Features(nn.Module):
@@ -59,12 +59,13 @@ class EffNetLite0Features(nn.Module):
 
     @torch.no_grad()
     def forward(self, imgs: Tensor) -> Tensor:
-        key = (id(imgs), imgs.data_ptr(), imgs._version, tuple(imgs.shape))
-        if self._memo is not None and self._memo[0] == key:
-            return self._memo[1]
+        # The memo holds the input tensor itself: a freed tensor's id and data_ptr are reused by the next batch,
+        # so a key of them alone would return the previous batch's features.
+        if self._memo is not None and self._memo[0] is imgs and self._memo[1] == imgs._version:
+            return self._memo[2]
         feats = torch.cat([self._features(imgs[i:i + self.batch_size]) for i in range(0, imgs.shape[0],
                                                                                      self.batch_size)])
-        self._memo = (key, feats)
+        self._memo = (imgs, imgs._version, feats)
         return feats
 
     def _features(self, imgs: Tensor) -> Tensor:
@@ -175,20 +176,31 @@ class FeatureMetrics:
         self.fid.update(imgs, real=real)
         self.kid.update(imgs, real=real)
 
+    def set_real(self, stats: dict, rank: int = 0, world: int = 1) -> None:
+        """Real-set statistics from ``real_features`` instead of ``update(..., real=True)``: the FID moments on
+        rank 0 only (torchmetrics sums the states over ranks), the KID features split over the ranks."""
+        dev = self.fid.real_features_sum.device
+        if rank == 0:
+            self.fid.real_features_sum = stats["sum"].to(dev, torch.float64)
+            self.fid.real_features_cov_sum = stats["cov_sum"].to(dev, torch.float64)
+            self.fid.real_features_num_samples = torch.tensor(int(stats["n"]), device=dev)
+        self.kid.real_features = [stats["kid"][rank::world].to(dev)]
+
     def compute(self) -> dict:
         """FID (float64 moments) and KID on subsets no larger than either set; synced over ranks if distributed."""
         fid = float(self.fid.compute())  # torchmetrics syncs the states when torch.distributed is initialised
         n_real = int(self.fid.real_features_num_samples)
         n_fake = int(self.fid.fake_features_num_samples)
+        n_kid = sum(int(f.shape[0]) for f in self.kid.real_features)  # < n_real with cached statistics
         _, world = _world()
         if world > 1:  # the states are local again after compute(): count over every rank
             import torch.distributed as dist
 
-            counts = torch.tensor([n_real, n_fake], device=self.fid.real_features_sum.device)
+            counts = torch.tensor([n_real, n_fake, n_kid], device=self.fid.real_features_sum.device)
             dist.all_reduce(counts)
-            n_real, n_fake = (int(c) for c in counts)
+            n_real, n_fake, n_kid = (int(c) for c in counts)
         # subsets of at most half the smaller set, so that they differ and kid_std means something
-        self.kid.subset_size = max(2, min(self.kid_subset_size, n_real // 2, n_fake // 2))
+        self.kid.subset_size = max(2, min(self.kid_subset_size, n_kid // 2, n_fake // 2))
         kid_mean, kid_std = self.kid.compute()
         return {"fid": fid, "kid_mean": float(kid_mean), "kid_std": float(kid_std), "num_real": n_real,
                 "num_fake": n_fake}
@@ -206,6 +218,118 @@ def real_images(dataset, num: int, seed: int = 0) -> Tensor:
     return torch.stack([torch.as_tensor(dataset[i]) for i in idx])
 
 
+def real_set(dataset, mode: str, num: int, seed: int = 0):
+    """The real images of an evaluation: ``"sample"``: ``num`` random ones (a uint8 tensor); ``"all"``: the whole
+    dataset (streamed through the backbone by ``score_models``, never held in memory)."""
+    if mode == "all":
+        return dataset
+    if mode != "sample":
+        raise ValueError(f"eval.real must be 'all' or 'sample', got {mode!r}")
+    return real_images(dataset, num, seed)
+
+
+def _dataset_key(dataset) -> str:
+    """A content key of a dataset for the feature cache: the decode cache's file (itself keyed by the folder's
+    file list, sizes and mtimes) and the subset, or a hash of an in-memory tensor's bytes."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(f"{getattr(dataset, 'name', '')}|{len(dataset)}".encode())
+    images = dataset.images
+    if isinstance(images, np.memmap) and images.filename:
+        h.update(str(images.filename).encode())
+    else:  # Fashion-MNIST: 60k x 32 x 32 bytes, ~0.1 s to hash
+        h.update(memoryview(np.ascontiguousarray(np.asarray(images))).cast("B"))
+    if getattr(dataset, "indices", None) is not None:
+        h.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
+    return h.hexdigest()[:24]
+
+
+def real_features(dataset, feature: nn.Module, *, backbone_id: str, batch_size: int = 250,
+                  cache_dir: str | Path | None = None, kid_max: int = 10000, device="cpu", log=print) -> dict:
+    """The real set's statistics over the WHOLE dataset, streamed in batches through ``feature``:
+    ``{"sum": (d,), "cov_sum": (d, d)`` float64 (FID moments, as torchmetrics keeps them), ``"n"``, ``"kid":
+    (k, d)`` float32 features of a fixed random ``k = min(kid_max, N)`` images (KID draws subsets of them)}.
+
+    Cached on disk per dataset content + backbone (``<cache_dir>/features-<key>.pt``, written atomically by rank
+    0). Under ``torch.distributed`` each rank featurises batches ``i % world == rank`` and the sums are reduced."""
+    import os
+
+    from .data import _cache_root
+
+    rank, world = _world()
+    n = len(dataset)
+    key = f"{_dataset_key(dataset)}-{backbone_id}"
+    path = _cache_root(str(cache_dir) if cache_dir else None) / "features" / f"features-{key}.pt"
+    if path.is_file():
+        try:
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+            if int(stats["n"]) == n:
+                log(f"[eval] real features of {n} images from the cache {path}")
+                return stats
+        except (OSError, RuntimeError, KeyError, EOFError) as e:
+            log(f"[eval] ignoring an unreadable feature cache {path}: {e}")
+    g = torch.Generator().manual_seed(0)
+    kid_rows = torch.randperm(n, generator=g)[:min(kid_max, n)].sort().values
+    total = None
+    t0 = time.time()
+    starts = list(range(0, n, batch_size))
+    for bi in range(rank, len(starts), world):
+        s = starts[bi]
+        imgs = dataset.__getitems__(list(range(s, min(s + batch_size, n))))
+        f = feature(imgs.to(device)).double()  # (b, d)
+        if total is None:
+            d = f.shape[1]
+            total = {"sum": torch.zeros(d, dtype=torch.float64, device=f.device),
+                     "cov_sum": torch.zeros(d, d, dtype=torch.float64, device=f.device),
+                     "kid": torch.zeros(len(kid_rows), d, dtype=torch.float64, device=f.device)}
+        total["sum"] += f.sum(0)
+        total["cov_sum"] += f.T @ f
+        lo, hi = torch.searchsorted(kid_rows, torch.tensor([s, s + f.shape[0]]))
+        total["kid"][lo:hi] = f[kid_rows[lo:hi] - s]
+    if total is None:  # more ranks than batches: this rank has none
+        d = getattr(feature, "num_features", 2048)
+        total = {"sum": torch.zeros(d, dtype=torch.float64), "cov_sum": torch.zeros(d, d, dtype=torch.float64),
+                 "kid": torch.zeros(len(kid_rows), d, dtype=torch.float64)}
+    if world > 1:
+        import torch.distributed as dist
+
+        for v in total.values():  # the KID rows are disjoint between ranks: a sum assembles them
+            dist.all_reduce(v)
+    stats = {"sum": total["sum"].cpu(), "cov_sum": total["cov_sum"].cpu(), "n": n, "kid": total["kid"].float().cpu()}
+    log(f"[eval] real features of all {n} images in {time.time() - t0:.0f}s")
+    if rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save(stats, tmp)
+            os.replace(tmp, path)  # readers see the whole file or none
+        except OSError as e:
+            log(f"[eval] could not write the feature cache {path}: {e}")
+    return stats
+
+
+def eval_options(ev, device, cache_dir: str | None = None) -> dict:
+    """``score_models`` keyword arguments of an ``EvalConfig`` (the backbone is Inception whenever its weights
+    file is given; ``precision: auto`` samples under bf16 autocast on CUDA, ``fp32`` never)."""
+    backbone = "inception" if ev.inception_weights else ev.backbone
+    return {"num": ev.num, "sampler": ev.sampler, "steps": ev.steps, "eta": ev.eta, "batch_size": ev.batch_size,
+            "seed": ev.seed, "backbone": backbone, "resize": ev.resize, "inception_weights": ev.inception_weights,
+            "device": device, "autocast": ev.precision == "auto" and torch.device(device).type == "cuda",
+            "grid": ev.ddim_grid, "eps_mode": ev.ddim_eps, "feature_cache": ev.feature_cache or cache_dir}
+
+
+def check_numbers(num, batch_size, steps) -> None:
+    """ValueError naming the option for numbers the evaluation cannot use."""
+    for name, value, lo, why in (("num", num, 2, "FID needs at least two generated images"),
+                                 ("batch_size", batch_size, 1, "images per sampling batch"),
+                                 ("steps", steps, 1, "denoising steps")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} (--{name.replace('_', '-')} / eval.{name}) = {value!r}: expected an integer "
+                             f">= {lo} ({why})")
+
+
 def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -214,11 +338,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def score_models(models: dict, diffusion, real: Tensor, *, num: int, sampler: str = "ddim", steps: int = 250,
+def score_models(models: dict, diffusion, real, *, num: int, sampler: str = "ddim", steps: int = 250,
                  eta: float = 1.0, batch_size: int = 250, seed: int = 0, backbone: str = "effnet-lite0",
                  resize: int = 224, inception_weights: str | None = None, device="cpu", autocast: bool = False,
-                 grids: dict | None = None, grid_size: int = 64, log=print) -> dict:
-    """Sample ``num`` images from each model (``{"name": model}``) and score them against ``real`` (uint8).
+                 grids: dict | None = None, grid_size: int = 64, log=print, grid: str = "uniform",
+                 eps_mode: str = "recompute", feature_cache: str | None = None) -> dict:
+    """Sample ``num`` images from each model (``{"name": model}``) and score them against ``real``: uint8 images
+    (``real_set(..., "sample")``), or a dataset whose every image is streamed through the backbone with its
+    features cached (``real_set(..., "all")``, ``feature_cache``: the cache folder). ``grid`` / ``eps_mode``:
+    the DDIM options; ``autocast``: bf16 sampling (False: fp32).
 
     Returns ``{"backbone": ..., "models": {name: {fid, kid_mean, kid_std, ...}}, ...}``. ``grids``
     (``{name: path}``) saves the first ``grid_size`` samples of a model as a PNG (``grid_size <= batch_size``).
@@ -232,18 +360,27 @@ def score_models(models: dict, diffusion, real: Tensor, *, num: int, sampler: st
 
     from .sample import generate, save_grid, to_uint8
 
+    check_numbers(num, batch_size, steps)
     rank, world = _world()
     t0 = time.time()
     feat = make_backbone(backbone, resize, inception_weights, device)
-    n_real = int(real.shape[0])
+    whole = not isinstance(real, Tensor)
+    n_real = len(real) if whole else int(real.shape[0])
     metrics = FeatureMetrics(feat, kid_subset_size=min(1000, num, n_real), device=device)
-    mine = real[rank::world]
-    for i in range(0, mine.shape[0], batch_size):
-        metrics.update(mine[i:i + batch_size], real=True)
+    if whole:
+        bid = backbone if backbone == "inception" else f"{backbone}-{resize}"
+        metrics.set_real(real_features(real, feat, backbone_id=bid, batch_size=batch_size, cache_dir=feature_cache,
+                                       device=device, log=log), rank, world)
+    else:
+        mine = real[rank::world]
+        for i in range(0, mine.shape[0], batch_size):
+            metrics.update(mine[i:i + batch_size], real=True)
     t_real = time.time() - t0
     results = {"backbone": backbone_name(backbone, resize), "backbone_id": backbone, "sampler": sampler,
                "steps": steps if sampler == "ddim" else diffusion.num_timesteps,
-               "eta": eta if sampler == "ddim" else None,
+               "eta": eta if sampler == "ddim" else None, "real": "all" if whole else "sample",
+               "ddim_grid": grid if sampler == "ddim" else None, "ddim_eps": eps_mode if sampler == "ddim" else None,
+               "precision": "bf16" if autocast else "fp32",
                "num_generated": num, "num_real": n_real, "seed": seed, "world_size": world, "models": {}}
     batches = [(i, min(batch_size, num - s)) for i, s in enumerate(range(0, num, batch_size))][rank::world]
     for name, model in models.items():
@@ -254,7 +391,8 @@ def score_models(models: dict, diffusion, real: Tensor, *, num: int, sampler: st
                   disable=rank != 0) as bar:
             for i, b in batches:
                 x = generate(model, diffusion, b, sampler=sampler, steps=steps, eta=eta, batch_size=b, seed=seed,
-                             first_batch=i, device=device, autocast=autocast, progress=bar.update)
+                             first_batch=i, device=device, autocast=autocast, progress=bar.update, grid=grid,
+                             eps_mode=eps_mode)
                 imgs = to_uint8(x)
                 if i == 0 and grids and name in grids:
                     save_grid(imgs[:grid_size], grids[name])

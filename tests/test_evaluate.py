@@ -103,3 +103,70 @@ def test_score_models_json_names_backbone(tmp_path):
     r = loaded["models"]["untrained"]
     assert r["fid"] > 0 and r["num_fake"] == 8 and r["num_real"] == 8
     assert (tmp_path / "g.png").is_file()
+
+
+def _tiny_model():
+    from maskdm import create_model
+
+    torch.manual_seed(0)
+    return create_model("uvit-tiny", img_size=16, in_chans=1, embed_dim=32, depth=3, num_heads=2).eval()
+
+
+def test_whole_training_set_as_the_real_set_streams_and_caches(tmp_path, feat, monkeypatch):
+    """real: all gives the FID of the full real set (the same number as passing every image), its statistics
+    cached per dataset + backbone and read back without running the backbone again."""
+    from maskdm import GaussianDiffusion
+    from maskdm.data import ImageTensorDataset
+    from maskdm.evaluate import real_features, real_set
+
+    images = _shapes(30, 5, 16)
+    ds = ImageTensorDataset(images, "shapes")
+    assert real_set(ds, "all", 8) is ds and real_set(ds, "sample", 8).shape == (8, 1, 16, 16)
+    kw = {"num": 8, "steps": 2, "eta": 0.0, "batch_size": 7, "resize": 64, "log": lambda *a: None}
+    d = GaussianDiffusion("cosine", 100)
+    whole = score_models({"m": _tiny_model()}, d, ds, feature_cache=str(tmp_path), **kw)
+    every = score_models({"m": _tiny_model()}, d, images, **kw)
+    assert whole["real"] == "all" and whole["models"]["m"]["num_real"] == 30
+    # same features, moments accumulated in float64 in another batching: equal to rounding
+    assert whole["models"]["m"]["fid"] == pytest.approx(every["models"]["m"]["fid"], rel=1e-5)
+    cached = list((tmp_path / "features").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("features-") and cached[0].name.endswith(".pt")
+    stats = torch.load(cached[0], weights_only=True)
+    # the same batches of 7 as the stream (the float32 backbone's rounding depends on the batch size)
+    f = torch.cat([feat(images[i:i + 7].clone()) for i in range(0, 30, 7)]).double()
+    torch.testing.assert_close(stats["sum"], f.sum(0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(stats["cov_sum"], f.T @ f, rtol=1e-9, atol=1e-6)
+    assert stats["n"] == 30 and stats["kid"].shape == (30, 1280)
+
+    class NoBackbone(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the cache was not used")
+
+    again = real_features(ds, NoBackbone(), backbone_id="effnet-lite0-64", cache_dir=tmp_path, log=lambda *a: None)
+    assert torch.equal(again["sum"], stats["sum"])
+    other = ImageTensorDataset(_shapes(30, 6, 16), "shapes")  # same name and size, other pixels: another key
+    with pytest.raises(AssertionError, match="cache was not used"):
+        real_features(other, NoBackbone(), backbone_id="effnet-lite0-64", cache_dir=tmp_path, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("kw,name", [({"num": 0}, "num"), ({"num": 1}, "num"), ({"batch_size": 0}, "batch_size"),
+                                     ({"steps": 0}, "steps")])
+def test_bad_numbers_name_the_option(kw, name):
+    from maskdm import GaussianDiffusion
+
+    args = {"num": 8, "steps": 2, "batch_size": 8, "resize": 64, "log": lambda *a: None} | kw
+    with pytest.raises(ValueError, match=rf"^{name} \(--{name.replace('_', '-')} / eval.{name}\)"):
+        score_models({"m": _tiny_model()}, GaussianDiffusion("cosine", 100), _shapes(8, 3, 16), **args)
+
+
+def test_eval_options_from_config():
+    from maskdm.config import EvalConfig
+    from maskdm.evaluate import eval_options
+
+    ev = EvalConfig(ddim_grid="reference", ddim_eps="model", precision="fp32", inception_weights="w.pth")
+    o = eval_options(ev, "cuda", cache_dir="/c")
+    assert (o["grid"], o["eps_mode"], o["autocast"], o["backbone"], o["feature_cache"]) == (
+        "reference", "model", False, "inception", "/c")
+    o = eval_options(EvalConfig(), "cuda")
+    assert (o["grid"], o["eps_mode"], o["autocast"], o["backbone"]) == ("uniform", "recompute", True, "effnet-lite0")
+    assert eval_options(EvalConfig(), "cpu")["autocast"] is False
