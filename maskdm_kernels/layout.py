@@ -181,11 +181,13 @@ class Visible:
 def sample_index(cu_seqlens: Tensor, total: int) -> Tensor:
     """int64 ``(T,)``: the sample of each packed token, from ``cu_seqlens (B + 1,)`` and ``T = total``.
 
-    No host sync: ``output_size`` gives the length, so this traces under ``torch.compile`` and captures in a
-    CUDA graph. ``cu_seqlens`` must be valid (non-decreasing, ending at ``total``)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
-                                   output_size=total)
+    Token t belongs to the largest b with ``cu_seqlens[b] <= t`` (empty samples own nothing), as in the kernels.
+    No host sync and a static shape, so it traces under ``torch.compile`` and captures in a CUDA graph. Any
+    values are safe: the result always lies in ``[0, B)`` (meaningless, but in bounds, for a malformed
+    ``cu_seqlens``)."""
+    t = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    last = max(cu_seqlens.shape[0] - 2, 0)
+    return (torch.searchsorted(cu_seqlens, t, right=True) - 1).clamp_(0, last)
 
 
 def _cu_errors(cu: Tensor, total: int) -> list[str]:

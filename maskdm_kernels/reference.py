@@ -2,6 +2,9 @@
 
 They work on the raw layout (``ids``, ``cu_seqlens``) like the kernels, compute in float32 (float64 in,
 float64 math), use only sync-free tensor ops, and return the dtype the kernels return.
+
+Invalid values give NaN as on the device, never a wrapped index: a patch id outside ``[0, N)`` its token's
+rows (its sample's image in a scatter), a malformed ``cu_seqlens`` every row (see ``valid_tokens``).
 """
 
 from __future__ import annotations
@@ -31,20 +34,36 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def layout_ok(cu_seqlens: Tensor, total: int) -> Tensor:
+    """0-dim bool: ``cu_seqlens`` starts at 0, never decreases and ends at ``total`` (no host sync)."""
+    return (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+
+
+def valid_tokens(ids: Tensor, cu_seqlens: Tensor, num_patches: int) -> Tensor:
+    """bool ``(T,)``: the token's patch id is in ``[0, N)`` and the layout is well-formed."""
+    return (ids >= 0) & (ids < num_patches) & layout_ok(cu_seqlens, ids.shape[0])
+
+
+def _safe_index(images: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int):
+    """(sample, patch id, valid) per token; an invalid token's indices point at patch 0 of a real sample."""
+    n = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
+    ok = valid_tokens(ids, cu_seqlens, n)
+    return sample_index(cu_seqlens, ids.shape[0]), torch.where(ok, ids.long(), 0), ok
+
+
 def gather_patches_ref(images: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int,
                        noise: Tensor | None = None, signal_scale: Tensor | None = None,
                        noise_scale: Tensor | None = None) -> Tensor:
     """``(T, p*p*C)``: the visible patches of ``signal_scale[b] * images + noise_scale[b] * noise``."""
     cdt = _compute_dtype(images.dtype)
-    bidx = sample_index(cu_seqlens, ids.shape[0])
-    pid = ids.long()
+    bidx, pid, ok = _safe_index(images, ids, cu_seqlens, patch_size)
     out = patchify(images.to(cdt), patch_size)[bidx, pid]  # (T, P)
     if signal_scale is not None:
         out = out * signal_scale.to(cdt)[bidx, None]
     if noise is not None:
         n = patchify(noise.to(cdt), patch_size)[bidx, pid]
         out = out + (n * noise_scale.to(cdt)[bidx, None] if noise_scale is not None else n)
-    return out.to(images.dtype)
+    return torch.where(ok[:, None], out, float("nan")).to(images.dtype)
 
 
 def scatter_patches_ref(tokens: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_size: int,
@@ -52,9 +71,14 @@ def scatter_patches_ref(tokens: Tensor, ids: Tensor, cu_seqlens: Tensor, patch_s
     """``(T, p*p*C) -> (B, C, H, W)``; masked patches hold ``fill``."""
     B, C, H, W = image_size
     N = (H // patch_size) * (W // patch_size)
+    ok = valid_tokens(ids, cu_seqlens, N)
     bidx = sample_index(cu_seqlens, ids.shape[0])
-    grid = torch.full((B, N, tokens.shape[1]), fill, dtype=tokens.dtype, device=tokens.device)
-    grid = grid.index_put((bidx, ids.long()), tokens)
+    # An invalid token goes to a spare patch slot N, dropped after, and makes its sample's image NaN.
+    grid = torch.full((B, N + 1, tokens.shape[1]), fill, dtype=tokens.dtype, device=tokens.device)
+    grid = grid.index_put((bidx, torch.where(ok, ids.long(), N)), tokens)[:, :N]
+    bad = torch.zeros(B, dtype=torch.int32, device=tokens.device).index_add(0, bidx, (~ok).int()) > 0
+    bad = bad | ~layout_ok(cu_seqlens, ids.shape[0])
+    grid = torch.where(bad[:, None, None], float("nan"), grid)
     return unpatchify(grid, patch_size, C, H, W).contiguous()
 
 
@@ -65,7 +89,7 @@ def masked_noise_loss_ref(pred: Tensor, noise: Tensor, ids: Tensor, cu_seqlens: 
     A sample with no visible token contributes 0 (not NaN)."""
     cdt = _compute_dtype(pred.dtype)
     B = cu_seqlens.shape[0] - 1
-    target = gather_patches_ref(noise.to(cdt), ids, cu_seqlens, patch_size)
+    target = gather_patches_ref(noise.to(cdt), ids, cu_seqlens, patch_size)  # NaN rows where invalid
     per_token = (pred.to(cdt) - target).square().sum(dim=1)  # (T,)
     bidx = sample_index(cu_seqlens, ids.shape[0])
     per_sample = torch.zeros(B, dtype=cdt, device=pred.device).index_add(0, bidx, per_token)
@@ -74,6 +98,7 @@ def masked_noise_loss_ref(pred: Tensor, noise: Tensor, ids: Tensor, cu_seqlens: 
     if weight is not None:
         per_sample = per_sample * weight.to(cdt)
     loss = per_sample.sum() / max(B, 1)
+    loss = torch.where(layout_ok(cu_seqlens, ids.shape[0]), loss, float("nan"))  # also with no token at all
     return loss if cdt == torch.float64 else loss.float()
 
 
@@ -82,7 +107,7 @@ def masked_noise_loss_grad_ref(grad: Tensor, pred: Tensor, noise: Tensor, ids: T
     """d loss / d pred, ``(T, p*p*C)`` in ``pred.dtype``: ``grad * 2 w_b (pred - target) / (len_b * P * B)``."""
     cdt = _compute_dtype(pred.dtype)
     B = cu_seqlens.shape[0] - 1
-    target = gather_patches_ref(noise.to(cdt), ids, cu_seqlens, patch_size)
+    target = gather_patches_ref(noise.to(cdt), ids, cu_seqlens, patch_size)  # NaN rows where invalid
     bidx = sample_index(cu_seqlens, ids.shape[0])
     count = (cu_seqlens[1:] - cu_seqlens[:-1]).to(cdt).clamp_min(1) * pred.shape[1] * max(B, 1)
     scale = 2.0 / count

@@ -3,6 +3,12 @@
 Each program owns BLOCK_T tokens x BLOCK_J >= p*p*C pixels. A token's sample comes from a binary search of
 ``cu_seqlens`` (log2 B loads, no (T,) index tensor), its pixels from the patch id and the image strides, so
 any layout (contiguous, channels_last, sliced) is read in place. Offsets are int64, math is fp32.
+
+Memory safety for any values, with no host sync: a token whose patch id is outside ``[0, N)`` is never used as an
+address (its loads and stores are masked off) and gives NaN: its gather row, its loss and gradient row, and its
+sample's image in a scatter (it has nowhere else to go). A malformed ``cu_seqlens`` (not starting at 0, decreasing,
+not ending at T) makes every token invalid, and a scatter's every image NaN. The check of ``cu_seqlens`` reads its
+B + 1 values once per program (L2-resident; a few hundred bytes).
 """
 
 from __future__ import annotations
@@ -30,6 +36,26 @@ def _token_sample(cu_ptr, t, batch, n_steps):
 
 
 @triton.jit
+def _layout_ok(cu_ptr, batch, T, BLOCK_B: tl.constexpr):
+    """True when cu_seqlens (B + 1,) starts at 0, never decreases and ends at T."""
+    ok = (tl.load(cu_ptr) == 0) & (tl.load(cu_ptr + batch).to(tl.int64) == T)
+    for start in range(0, batch, BLOCK_B):
+        i = start + tl.arange(0, BLOCK_B)
+        m = i < batch
+        lo = tl.load(cu_ptr + i, mask=m, other=0)
+        hi = tl.load(cu_ptr + i + 1, mask=m, other=0)
+        ok = ok & (tl.sum((hi < lo).to(tl.int32), axis=0) == 0)
+    return ok
+
+
+@triton.jit
+def _token_valid(ids_ptr, t, t_mask, num_patches, layout_ok):
+    """Per token: inside the launch, a patch id in [0, N), and a well-formed cu_seqlens."""
+    pid = tl.load(ids_ptr + t, mask=t_mask, other=0)
+    return t_mask & (pid >= 0) & (pid < num_patches) & layout_ok
+
+
+@triton.jit
 def _pixel_offsets(ids_ptr, t, t_mask, j, b, p, C, Wp, stride_b, stride_c, stride_h, stride_w):
     """Element offsets ``(BLOCK_T, BLOCK_J)`` of token t's pixel j (order p1 p2 c) in an image tensor."""
     pid = tl.load(ids_ptr + t, mask=t_mask, other=0).to(tl.int64)
@@ -46,56 +72,74 @@ def _pixel_offsets(ids_ptr, t, t_mask, j, b, p, C, Wp, stride_b, stride_c, strid
 @triton.jit
 def _gather_kernel(
     X_ptr, Noise_ptr, SS_ptr, NS_ptr, Out_ptr, ids_ptr, cu_ptr,
-    T, batch, n_steps, p, C, Wp, PPC,
+    T, batch, n_steps, p, C, Wp, PPC, num_patches,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_nb, stride_nc, stride_nh, stride_nw,
     HAS_NOISE: tl.constexpr, HAS_SS: tl.constexpr, HAS_NS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # Bytes: reads T*P pixels of X (and of noise), writes T*P tokens; masked pixels are never touched.
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, BLOCK_J)
     t_mask = t < T
-    mask = t_mask[:, None] & (j < PPC)[None, :]
+    ok = _token_valid(ids_ptr, t, t_mask, num_patches, _layout_ok(cu_ptr, batch, T, BLOCK_B))
+    store_mask = t_mask[:, None] & (j < PPC)[None, :]
+    mask = ok[:, None] & store_mask
     b = _token_sample(cu_ptr, t, batch, n_steps)
-    off_x = _pixel_offsets(ids_ptr, t, t_mask, j, b, p, C, Wp, stride_xb, stride_xc, stride_xh, stride_xw)
+    off_x = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_xb, stride_xc, stride_xh, stride_xw)
     val = tl.load(X_ptr + off_x, mask=mask, other=0.0).to(tl.float32)
     if HAS_SS:
         val = val * tl.load(SS_ptr + b, mask=t_mask, other=0.0).to(tl.float32)[:, None]
     if HAS_NOISE:
-        off_n = _pixel_offsets(ids_ptr, t, t_mask, j, b, p, C, Wp, stride_nb, stride_nc, stride_nh, stride_nw)
+        off_n = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_nb, stride_nc, stride_nh, stride_nw)
         n = tl.load(Noise_ptr + off_n, mask=mask, other=0.0).to(tl.float32)
         if HAS_NS:
             n = n * tl.load(NS_ptr + b, mask=t_mask, other=0.0).to(tl.float32)[:, None]
         val = val + n
-    tl.store(Out_ptr + t[:, None] * PPC + j[None, :], val.to(Out_ptr.dtype.element_ty), mask=mask)
+    val = tl.where(ok[:, None], val, float("nan"))
+    tl.store(Out_ptr + t[:, None] * PPC + j[None, :], val.to(Out_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
 def _scatter_kernel(
     Tok_ptr, Out_ptr, ids_ptr, cu_ptr,
-    T, batch, n_steps, p, C, Wp, PPC,
+    T, batch, n_steps, p, C, Wp, PPC, num_patches, image_numel,
     stride_tt, stride_tj, stride_ob, stride_oc, stride_oh, stride_ow,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # Bytes: reads T*P tokens, writes T*P pixels (the fill of masked pixels is done by the caller's allocation).
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Out is contiguous (B, C, H, W): image b is [b * image_numel, (b + 1) * image_numel).
+    pid_t = tl.program_id(0)
+    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, BLOCK_J)
     t_mask = t < T
-    mask = t_mask[:, None] & (j < PPC)[None, :]
+    layout_ok = _layout_ok(cu_ptr, batch, T, BLOCK_B)
+    ok = _token_valid(ids_ptr, t, t_mask, num_patches, layout_ok)
+    mask = ok[:, None] & (j < PPC)[None, :]
     b = _token_sample(cu_ptr, t, batch, n_steps)
     val = tl.load(Tok_ptr + t[:, None] * stride_tt + j[None, :] * stride_tj, mask=mask, other=0.0)
-    off = _pixel_offsets(ids_ptr, t, t_mask, j, b, p, C, Wp, stride_ob, stride_oc, stride_oh, stride_ow)
+    off = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_ob, stride_oc, stride_oh, stride_ow)
     tl.store(Out_ptr + off, val.to(Out_ptr.dtype.element_ty), mask=mask)
+    # Error path only: a token with a bad id poisons its sample's image; a bad layout, program 0 every image.
+    bad = t_mask & ~ok & layout_ok
+    if tl.sum(bad.to(tl.int32), axis=0) > 0:
+        for k in range(0, image_numel, BLOCK_J):
+            e = k + j
+            tl.store(Out_ptr + b[:, None] * image_numel + e[None, :], float("nan"),
+                     mask=bad[:, None] & (e < image_numel)[None, :])
+    if (pid_t == 0) & ~layout_ok:
+        for k in range(0, batch * image_numel, BLOCK_J):
+            e = k + j
+            tl.store(Out_ptr + e, float("nan"), mask=e < batch * image_numel)
 
 
 @triton.jit
 def _loss_kernel(
     Pred_ptr, Noise_ptr, W_ptr, Partial_ptr, Grad_ptr, GradOut_ptr, ids_ptr, cu_ptr,
-    T, batch, n_steps, p, C, Wp, PPC,
+    T, batch, n_steps, p, C, Wp, PPC, num_patches,
     stride_pt, stride_pj, stride_nb, stride_nc, stride_nh, stride_nw,
     HAS_WEIGHT: tl.constexpr, BACKWARD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Forward: Partial[pid] = sum over the block's tokens of scale_b * sum_j (pred - target)^2.
     Backward: Grad = grad_out * 2 * scale_b * (pred - target), with scale_b = w_b / (len_b * P * B).
@@ -105,20 +149,23 @@ def _loss_kernel(
     t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, BLOCK_J)
     t_mask = t < T
-    mask = t_mask[:, None] & (j < PPC)[None, :]
+    ok = _token_valid(ids_ptr, t, t_mask, num_patches, _layout_ok(cu_ptr, batch, T, BLOCK_B))
+    store_mask = t_mask[:, None] & (j < PPC)[None, :]
+    mask = ok[:, None] & store_mask
     b = _token_sample(cu_ptr, t, batch, n_steps)
     length = tl.load(cu_ptr + b + 1, mask=t_mask, other=1) - tl.load(cu_ptr + b, mask=t_mask, other=0)
     scale = 1.0 / (tl.maximum(length, 1).to(tl.float32) * PPC * batch)
     if HAS_WEIGHT:
         scale = scale * tl.load(W_ptr + b, mask=t_mask, other=0.0).to(tl.float32)
-    off_n = _pixel_offsets(ids_ptr, t, t_mask, j, b, p, C, Wp, stride_nb, stride_nc, stride_nh, stride_nw)
+    scale = tl.where(ok | ~t_mask, scale, float("nan"))  # an invalid token: NaN loss and NaN gradient row
+    off_n = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_nb, stride_nc, stride_nh, stride_nw)
     target = tl.load(Noise_ptr + off_n, mask=mask, other=0.0).to(tl.float32)
     off_p = t[:, None] * stride_pt + j[None, :] * stride_pj
-    diff = tl.load(Pred_ptr + off_p, mask=mask, other=0.0).to(tl.float32) - target
+    diff = tl.load(Pred_ptr + off_p, mask=store_mask, other=0.0).to(tl.float32) - target
     if BACKWARD:
         g = tl.load(GradOut_ptr).to(tl.float32)
         grad = diff * (2.0 * g * scale)[:, None]
-        tl.store(Grad_ptr + t[:, None] * PPC + j[None, :], grad.to(Grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(Grad_ptr + t[:, None] * PPC + j[None, :], grad.to(Grad_ptr.dtype.element_ty), mask=store_mask)
     else:
         per_token = tl.sum(diff * diff, axis=1) * scale
         tl.store(Partial_ptr + pid, tl.sum(tl.where(t_mask, per_token, 0.0), axis=0))
@@ -134,17 +181,26 @@ def _search_steps(batch: int) -> int:
     return max(1, math.ceil(math.log2(max(batch, 2))))
 
 
+def _block_b(batch: int) -> int:
+    return min(1024, triton.next_power_of_2(max(batch, 1)))
+
+
 def _meta(images_shape, ids: Tensor, cu_seqlens: Tensor, p: int):
-    _, C, _H, W = images_shape
+    _, C, H, W = images_shape
     T = ids.shape[0]
     batch = cu_seqlens.shape[0] - 1
     ppc = p * p * C
     block_t, block_j = _launch_geometry(ppc)
-    return T, batch, C, W // p, ppc, block_t, block_j
+    return T, batch, C, W // p, ppc, block_t, block_j, (H // p) * (W // p)
+
+
+def _empty_layout_nan(cu_seqlens: Tensor) -> Tensor:
+    """0-dim bool, on the device: with no token, a well-formed cu_seqlens is all zeros (no host sync)."""
+    return cu_seqlens.ne(0).any()
 
 
 def gather_patches(images, ids, cu_seqlens, patch_size, noise=None, signal_scale=None, noise_scale=None):
-    T, batch, C, Wp, ppc, block_t, block_j = _meta(images.shape, ids, cu_seqlens, patch_size)
+    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(images.shape, ids, cu_seqlens, patch_size)
     out = torch.empty((T, ppc), dtype=images.dtype, device=images.device)
     if T == 0:
         return out
@@ -153,10 +209,10 @@ def gather_patches(images, ids, cu_seqlens, patch_size, noise=None, signal_scale
     _gather_kernel[grid](
         images, n, signal_scale if signal_scale is not None else images,
         noise_scale if noise_scale is not None else images, out, ids, cu_seqlens,
-        T, batch, _search_steps(batch), patch_size, C, Wp, ppc,
+        T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches,
         *images.stride(), *n.stride(),
         HAS_NOISE=noise is not None, HAS_SS=signal_scale is not None, HAS_NS=noise_scale is not None,
-        BLOCK_T=block_t, BLOCK_J=block_j,
+        BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
     )
     return out
 
@@ -164,38 +220,39 @@ def gather_patches(images, ids, cu_seqlens, patch_size, noise=None, signal_scale
 def scatter_patches(tokens, ids, cu_seqlens, patch_size, image_size, fill=0.0):
     B, C, H, W = image_size
     out = torch.full((B, C, H, W), fill, dtype=tokens.dtype, device=tokens.device)
-    T, batch, C, Wp, ppc, block_t, block_j = _meta(image_size, ids, cu_seqlens, patch_size)
+    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(image_size, ids, cu_seqlens, patch_size)
     if T == 0:
-        return out
+        return out.masked_fill_(_empty_layout_nan(cu_seqlens), float("nan"))
     _scatter_kernel[(triton.cdiv(T, block_t),)](
-        tokens, out, ids, cu_seqlens, T, batch, _search_steps(batch), patch_size, C, Wp, ppc,
-        *tokens.stride(), *out.stride(), BLOCK_T=block_t, BLOCK_J=block_j,
+        tokens, out, ids, cu_seqlens, T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches, C * H * W,
+        *tokens.stride(), *out.stride(), BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
     )
     return out
 
 
 def masked_noise_loss(pred, noise, ids, cu_seqlens, patch_size, weight=None):
-    T, batch, C, Wp, ppc, block_t, block_j = _meta(noise.shape, ids, cu_seqlens, patch_size)
+    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(noise.shape, ids, cu_seqlens, patch_size)
     nblocks = triton.cdiv(T, block_t)
-    partial = torch.empty(max(nblocks, 1), dtype=torch.float32, device=pred.device)
     if T == 0:
-        return torch.zeros((), dtype=torch.float32, device=pred.device)
+        zero = torch.zeros((), dtype=torch.float32, device=pred.device)
+        return zero.masked_fill_(_empty_layout_nan(cu_seqlens), float("nan"))
+    partial = torch.empty(nblocks, dtype=torch.float32, device=pred.device)
     _loss_kernel[(nblocks,)](
         pred, noise, weight if weight is not None else partial, partial, partial, partial, ids, cu_seqlens,
-        T, batch, _search_steps(batch), patch_size, C, Wp, ppc, *pred.stride(), *noise.stride(),
-        HAS_WEIGHT=weight is not None, BACKWARD=False, BLOCK_T=block_t, BLOCK_J=block_j,
+        T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches, *pred.stride(), *noise.stride(),
+        HAS_WEIGHT=weight is not None, BACKWARD=False, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
     )
     return partial.sum()  # deterministic: no atomics
 
 
 def masked_noise_loss_backward(grad, pred, noise, ids, cu_seqlens, patch_size, weight=None):
-    T, batch, C, Wp, ppc, block_t, block_j = _meta(noise.shape, ids, cu_seqlens, patch_size)
+    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(noise.shape, ids, cu_seqlens, patch_size)
     out = torch.empty((T, ppc), dtype=pred.dtype, device=pred.device)
     if T == 0:
         return out
     _loss_kernel[(triton.cdiv(T, block_t),)](
         pred, noise, weight if weight is not None else out, out, out, grad, ids, cu_seqlens,
-        T, batch, _search_steps(batch), patch_size, C, Wp, ppc, *pred.stride(), *noise.stride(),
-        HAS_WEIGHT=weight is not None, BACKWARD=True, BLOCK_T=block_t, BLOCK_J=block_j,
+        T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches, *pred.stride(), *noise.stride(),
+        HAS_WEIGHT=weight is not None, BACKWARD=True, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
     )
     return out
