@@ -41,7 +41,7 @@ from .ema import EMA, ema_decay
 from .metrics import MetricsLog, Window, check_tensorboard, plot_loss
 from .run_dir import prepare_run_dir
 from .sample import build_model, generate, make_diffusion, save_grid
-from .step import Denoiser, TrainStep
+from .step import Denoiser, TrainStep, compile_forward, resolve_compile, step_options
 
 __all__ = ["DivergedError", "evaluate_after_training", "make_mask", "step_generator", "step_inputs", "train"]
 
@@ -318,7 +318,8 @@ def _begin_stage(run: _Run, si: int, stage: StageConfig, stop: StopFlag, on_step
     run.opt_state = None
     data_seed = _mix(cfg.train.seed, si) & 0x7FFFFFFF
     plan = BatchPlan(len(run.dataset), stage.batch_size // d.world, data_seed, d.rank, d.world)
-    step = TrainStep(run.model, run.module, run.diffusion, optimizer, run.ema, stage.grad_clip, run.bf16)
+    step = TrainStep(run.model, run.module, run.diffusion, optimizer, run.ema, stage.grad_clip, run.bf16,
+                     **step_options(cfg.train, stage, stage.batch_size // d.world, run.patch_grid, d.device))
     masked = "full images" if stage.mask == "none" else f"{stage.mask} mask {stage.mask_ratio}" + (
         f", block {stage.block_size}" if stage.mask == "block" else "")
     run.log(f"[train] stage {si} '{stage.name}': steps {start}..{start + stage.steps} ({masked}), batch "
@@ -396,6 +397,7 @@ def _log_window(run: _Run, st: _Stage, lr: float) -> None:
     """Write the window's record (the loop's one host sync per log_every steps); stop if it went non-finite."""
     first = max(run.step - st.window.n, st.checked) + 1
     rec, bad = st.window.flush(run.d, run.step, st.cfg.name, lr, st.cfg.batch_size)
+    rec.update(st.step.compile_stats())  # compiled steps: graphs built, and how many after the stage's first step
     run.logger.write(rec)
     if st.bar is not None:
         st.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}", refresh=False)
@@ -445,7 +447,8 @@ def _sample_grid(run: _Run, tag: str, st: _Stage) -> None:
     if not run.d.main:
         return
     tr = run.cfg.train
-    x = generate(run.ema.model, run.diffusion, tr.sample_num, sampler="ddim", steps=tr.sample_steps,
+    net = compile_forward(run.ema.model, resolve_compile(tr.compile, run.d.device))
+    x = generate(net, run.diffusion, tr.sample_num, sampler="ddim", steps=tr.sample_steps,
                  eta=tr.sample_eta, batch_size=min(tr.sample_num, 256), seed=tr.seed, device=run.d.device,
                  autocast=run.bf16)
     run.grids.append(save_grid(x, run.out / "samples" / f"{tag}.png"))
@@ -512,6 +515,8 @@ def evaluate_after_training(cfg: Config, summary: dict, d: Dist | None = None, l
     if ev.baseline_untrained:
         torch.manual_seed(cfg.train.seed)  # the very initial weights of the run
         models["untrained"] = build_model(cfg, dataset.channels).to(d.device).eval()
+    mode = resolve_compile(cfg.train.compile, d.device)
+    models = {k: compile_forward(m, mode) for k, m in models.items()}  # the sampler's forward, compiled
     real = real_images(dataset, ev.num, seed=ev.seed)
     grid_path = out / "samples" / "final.png"
     res = score_models(models, make_diffusion(cfg), real, num=ev.num, sampler=ev.sampler, steps=ev.steps, eta=ev.eta,
