@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_int_at_least(1), default=256)
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--nrow", type=_int_at_least(1), default=None)
+    _sampler_options(s)
 
     e = sub.add_parser("eval", help="FID / KID of a checkpoint's samples against a dataset")
     e.add_argument("--ckpt", required=True, help="checkpoint folder or run folder")
@@ -107,11 +108,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
     e.add_argument("--out", default=None, help="results JSON (default: eval-<backbone>-<step>.json beside the ckpt)")
+    e.add_argument("--real", choices=["sample", "all"], default="sample",
+                   help="real set: 'sample' = --num random training images; 'all' = every training image, streamed, "
+                   "features cached per dataset + backbone (the paper's protocol)")
+    e.add_argument("--feature-cache", default=None, help="real-feature cache folder (default: ~/.cache/maskdm)")
+    _sampler_options(e)
 
     sub.add_parser("info", help="versions, kernel backends, GPU")
     compare.add_arguments(sub.add_parser("compare", help="FID against wall-clock of several configs at one budget"))
     import_ref.add_arguments(sub.add_parser("import-ref", help="a MaskDM reference checkpoint as a run folder"))
     return p
+
+
+def _sampler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ddim-grid", choices=["uniform", "reference"], default="uniform",
+                   help="DDIM timesteps: round(linspace(0, T-1, steps)) or the MaskDM reference's {999, 995, ..., 3}")
+    p.add_argument("--ddim-eps", choices=["recompute", "model"], default="recompute",
+                   help="eps after clipping x0: recomputed from it, or the model's (the reference)")
+    p.add_argument("--fp32", action="store_true", help="sample in fp32 (default: bf16 autocast on CUDA)")
 
 
 def _device(name: str | None):
@@ -164,8 +178,9 @@ def cmd_sample(args) -> int:
     total = args.num * (args.steps if args.sampler == "ddim" else diffusion.num_timesteps)
     with tqdm(total=total, desc="sampling", unit="img-step", mininterval=1.0) as bar:
         x = generate(model, diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                     batch_size=args.batch_size, seed=args.seed, device=device, autocast=device.type == "cuda",
-                     progress=bar.update)
+                     batch_size=args.batch_size, seed=args.seed, device=device,
+                     autocast=device.type == "cuda" and not args.fp32, progress=bar.update, grid=args.ddim_grid,
+                     eps_mode=args.ddim_eps)
     path = save_grid(x, args.out, nrow=args.nrow)
     print(f"[sample] {args.num} images ({args.sampler}, {args.steps if args.sampler == 'ddim' else 'all'} steps, "
           f"{args.weights} weights) -> {path}")
@@ -177,7 +192,7 @@ def cmd_eval(args) -> int:
 
     from .checkpoint import find_checkpoint
     from .data import build_dataset, parse_data_spec
-    from .evaluate import real_images, score_models, write_json
+    from .evaluate import real_set, score_models, write_json
     from .sample import build_model, data_channels, load_for_sampling
 
     device = _device(args.device)
@@ -190,10 +205,12 @@ def cmd_eval(args) -> int:
     if args.baseline:
         torch.manual_seed(cfg.train.seed)
         models["untrained"] = build_model(cfg, data_channels(cfg)).to(device).eval()
-    real = real_images(dataset, args.num, seed=args.seed)
+    real = real_set(dataset, args.real, args.num, seed=args.seed)
     res = score_models(models, diffusion, real, num=args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                        batch_size=args.batch_size, seed=args.seed, backbone=backbone, resize=args.resize,
-                       inception_weights=args.inception_weights, device=device, autocast=device.type == "cuda")
+                       inception_weights=args.inception_weights, device=device,
+                       autocast=device.type == "cuda" and not args.fp32, grid=args.ddim_grid, eps_mode=args.ddim_eps,
+                       feature_cache=args.feature_cache or data_cfg.cache_dir)
     res.update(checkpoint=str(ck), weights=args.weights, data=dataset.name)
     out = Path(args.out) if args.out else ck.parent.parent / f"eval-{backbone}-{ck.name}.json"
     write_json(res, out)
