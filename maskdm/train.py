@@ -500,7 +500,7 @@ def evaluate_after_training(cfg: Config, summary: dict, d: Dist | None = None, l
     """Sample and score the final EMA (or online) weights and, for reference, the untrained model (the run's
     initial weights, rebuilt from the seed), against ``eval.num`` training images. With several processes
     the sampling is spread over the ranks. Writes ``<out_dir>/eval.json`` and ``samples/final.png``."""
-    from .evaluate import real_images, score_models, write_json
+    from .evaluate import eval_options, real_set, score_models, write_json
 
     d = d or Dist()
     ev = cfg.eval
@@ -517,11 +517,9 @@ def evaluate_after_training(cfg: Config, summary: dict, d: Dist | None = None, l
         models["untrained"] = build_model(cfg, dataset.channels).to(d.device).eval()
     mode = resolve_compile(cfg.train.compile, d.device)
     models = {k: compile_forward(m, mode) for k, m in models.items()}  # the sampler's forward, compiled
-    real = real_images(dataset, ev.num, seed=ev.seed)
+    real = real_set(dataset, ev.real, ev.num, seed=ev.seed)  # eval.real: all | sample
     grid_path = out / "samples" / "final.png"
-    res = score_models(models, make_diffusion(cfg), real, num=ev.num, sampler=ev.sampler, steps=ev.steps, eta=ev.eta,
-                       batch_size=ev.batch_size, seed=ev.seed, backbone=ev.backbone, resize=ev.resize,
-                       inception_weights=ev.inception_weights, device=d.device, autocast=d.device.type == "cuda",
+    res = score_models(models, make_diffusion(cfg), real, **eval_options(ev, d.device, cfg.data.cache_dir),
                        grids={"trained": grid_path} if d.main else None, grid_size=min(ev.grid, ev.batch_size),
                        log=log)
     res.update(checkpoint=str(ck), weights=ev.weights, data=dataset.name, step=summary.get("step"))
