@@ -170,3 +170,46 @@ def test_eval_options_from_config():
     o = eval_options(EvalConfig(), "cuda")
     assert (o["grid"], o["eps_mode"], o["autocast"], o["backbone"]) == ("uniform", "recompute", True, "effnet-lite0")
     assert eval_options(EvalConfig(), "cpu")["autocast"] is False
+
+
+def test_cli_eval_and_sample_take_the_protocol_options(tmp_path, capsys):
+    """`maskdm eval --real all --ddim-grid reference --ddim-eps model --fp32` end to end on a tiny run folder, and
+    --num 0 / 1 / --batch-size 0 as one line naming the option (exit 2), never a traceback."""
+    import yaml
+    from PIL import Image
+
+    from maskdm.cli import main
+    from maskdm.import_ref import import_reference
+
+    from .test_import_ref import DEPTH, HEADS, IMG, D, P, _reference_checkpoint
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    _reference_checkpoint(tmp_path / "ref.pt")
+    cfg = {"model": {"name": "uvit-tiny", "patch_size": P, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS},
+           "data": {"dataset": "folder", "root": str(data), "image_size": IMG, "cache_dir": str(tmp_path / "c")},
+           "stages": [{"name": "ft", "steps": 1, "batch_size": 2}]}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    import_reference(tmp_path / "ref.pt", tmp_path / "cfg.yaml", run, log=lambda *a: None)
+    out = tmp_path / "e.json"
+    rc = main(["eval", "--ckpt", str(run), "--num", "8", "--steps", "2", "--batch-size", "4", "--resize", "64",
+               "--real", "all", "--ddim-grid", "reference", "--ddim-eps", "model", "--fp32", "--device", "cpu",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert (res["real"], res["ddim_grid"], res["ddim_eps"], res["precision"], res["num_real"]) == (
+        "all", "reference", "model", "fp32", 12)
+    assert list((tmp_path / "c" / "features").glob("features-*.pt"))  # the data cache folder holds the features
+    rc = main(["sample", "--ckpt", str(run), "--num", "2", "--steps", "3", "--ddim-grid", "reference",
+               "--ddim-eps", "model", "--fp32", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    assert rc == 0 and (tmp_path / "g.png").is_file()
+    capsys.readouterr()
+    for bad, name in ((["--num", "0"], "--num"), (["--num", "1"], "--num"), (["--batch-size", "0"], "--batch-size")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--ckpt", str(run), *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
