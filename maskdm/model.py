@@ -1,6 +1,6 @@
 """MaskedViT: the U-ViT denoiser of MaskDM, running on packed visible tokens.
 
-The model predicts the noise epsilon. Three entry points share one core, ``forward_tokens``:
+The model predicts the noise epsilon. Four entry points, all running the shared core ``forward_tokens``:
 
 - ``model(x, t)``: images ``(B, C, H, W)`` to images (full fine-tuning and sampling);
 - ``model(x, t, vis)``: reads only the visible patches of ``x``, returns ``(T, p*p*C)`` packed tokens;
