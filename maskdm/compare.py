@@ -146,6 +146,10 @@ def _load() -> list[float]:
         return []
 
 
+def _log(msg: str) -> None:
+    print(msg, flush=True)  # progress reaches a log file as it happens
+
+
 def _write_json(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -192,8 +196,8 @@ class _Arm:
 
     def __init__(self, rec: dict, cfg, fractions, budget_s: float | None, budget_steps: int | None, evals: int,
                  evaluate, diffusion, save, log, device, clock: str):
-        self.rec, self.cfg, self.evaluate, self.diffusion, self.save, self.log = rec, cfg, evaluate, diffusion, save, log
-        self.device = device
+        self.rec, self.cfg, self.evaluate, self.diffusion = rec, cfg, evaluate, diffusion
+        self.save, self.log, self.device = save, log, device
         self.budget_s, self.budget_steps = budget_s, budget_steps
         total = budget_s if budget_s is not None else budget_steps
         bounds = _cumulative(fractions)
@@ -255,8 +259,9 @@ class _Arm:
         r = self.evaluate(self.ema, self.diffusion)
         took = time.monotonic() - t0
         self.targets = self.targets[max(due) + 1:]
-        point = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "step": self.n, "stage": self.cfg.stages[self.si].name,
-                 "fid": r["fid"], "kid": r["kid_mean"], "kid_std": r["kid_std"], "eval_seconds": round(took, 2)}
+        point = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "step": self.n,
+                 "stage": self.cfg.stages[self.si].name, "fid": r["fid"], "kid": r["kid_mean"], "kid_std": r["kid_std"],
+                 "eval_seconds": round(took, 2)}
         self.rec["points"].append(point)
         self.rec["eval_seconds"] = round(self.rec["eval_seconds"] + took, 2)
         self.rec["train_seconds"] = round(seconds, 3)
@@ -274,7 +279,7 @@ def run_compare(arms: list[tuple[str, str, object]], out: str | Path, *, minutes
                 steps: int | None = None, evals: int = 4, eval_num: int = 200, eval_sampler: str = "ddim",
                 eval_steps: int = 50, eval_eta: float = 1.0, eval_batch_size: int = 100, eval_seed: int = 0,
                 backbone: str = "effnet-lite0", resize: int = 128, inception_weights: str | None = None,
-                seed: int | None = None, clock: str = "wall", command: str | None = None, log=print) -> dict:
+                seed: int | None = None, clock: str = "wall", command: str | None = None, log=None) -> dict:
     """Train and score every arm (``(name, config path, Config)``) at one budget; returns what compare.json holds.
 
     Exactly one of ``minutes`` (training time per arm, on ``clock``: wall or cpu) and ``steps`` (optimizer steps
@@ -285,6 +290,8 @@ def run_compare(arms: list[tuple[str, str, object]], out: str | Path, *, minutes
     from .data import build_dataset
     from .sample import make_diffusion
     from .train import train
+
+    log = log or _log
 
     if (minutes is None) == (steps is None):
         raise ValueError("give exactly one budget: minutes (wall-clock) or steps (the repeatable mode)")

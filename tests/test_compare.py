@@ -48,7 +48,8 @@ def test_time_budget_json_png_and_budget(tmp_path):
                "--out", str(out), *EVAL])
     assert rc == 0
     res = json.loads((out / "compare.json").read_text())
-    assert res["device"].startswith("cpu") and res["budget"] == {"minutes": minutes, "steps": None, "evals": 2, "clock": "wall"}
+    assert res["device"].startswith("cpu")
+    assert res["budget"] == {"minutes": minutes, "steps": None, "evals": 2, "clock": "wall"}
     assert len(res["load_average"]["start"]) == 3 and len(res["load_average"]["end"]) == 3
     assert res["protocol"]["num_generated"] == 8 and "efficientnet-lite0" in res["protocol"]["backbone"]
     assert [a["name"] for a in res["arms"]] == ["scratch", "masked"] and not res["interrupted"]
