@@ -65,6 +65,8 @@ train: venv data
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $${NPROC:-$$( [ "$$gpus" -gt 0 ] && echo $$gpus || echo 2 )} \
 	  -m maskdm train --config $(TRAIN_CONFIG) --overwrite
 
+# ~8 minutes on one H200, every phase under its own limit, results streamed as they come (benchmarks/README.md).
+# DRY_RUN=1 make gpu-suite runs each phase briefly on a CPU machine.
 gpu-suite:
 	bash benchmarks/gpu_suite.sh
 

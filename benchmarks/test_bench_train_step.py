@@ -1,33 +1,44 @@
-"""One optimizer step (forward, backward, AdamW) of MaskedViT, in images/s, four ways.
+"""One optimizer step of MaskedViT (loss, backward, grad clip, AdamW, EMA), in images/s, against its peers.
 
-Providers:
-  full           the full DDPM step (every patch), ``GaussianDiffusion.loss(model, x0)``;
-  maskdm_kernels the masked step on maskdm_kernels: fused gather + noising -> packed model -> fused loss;
-  maskdm_style   a MaskDM-style masked step in pure PyTorch: noised full image, patchify, boolean-mask indexing
-                 (a host sync), attention that materialises the score matrix, unfused loss;
-  torch_best     a best-effort PyTorch masked step: ``torch.gather`` of the visible patches, noising on them
-                 only, SDPA, ``F.mse_loss``.
-All providers share the same weights; before timing, each masked provider's loss is checked against the
-maskdm_kernels loss on the same inputs, so a provider that skipped work would fail rather than look fast.
+Providers (every one ends with the same tail: ``clip_grad_norm_`` (foreach), AdamW (fused on CUDA; on CPU
+PyTorch's default, the foreach implementation, since fused CPU AdamW is not what ``maskdm train`` runs there)
+and a one-op foreach EMA update):
+  maskdm               our step exactly as ``maskdm train`` runs it on this device (``maskdm.step.TrainStep`` with
+                       ``train.compile=auto``: reduce-overhead on CUDA, off on CPU; varlen masks on a static-capacity
+                       layout whenever it compiles);
+  maskdm_eager         the same step with ``train.compile=off``;
+  maskdm_graph         (CUDA) the same step with ``train.cuda_graph=true``: compile ``default`` and the whole step
+                       (loss, backward, clip, AdamW, EMA) captured by ``torch.cuda.graph`` and replayed;
+  torch_best           best-effort PyTorch, eager: ``torch.gather`` of the visible patches, noising on them only,
+                       SDPA, ``F.mse_loss`` (varlen: padded gather, SDPA with a key-padding mask, masked mean);
+  torch_best_compiled  the same, ``torch.compile``d with the mode ``maskdm`` uses;
+  maskdm_style         the MaskDM recipe: noised full image, patchify, boolean-mask indexing (a host sync),
+                       attention that materialises the score matrix, unfused loss (uniform masks only: it reshapes
+                       the indexed tokens to ``(B, -1, D)``);
+  full / full_eager    the full-image DDPM step through ``TrainStep`` (same compile mode as ``maskdm`` / off).
 
-Cases: CPU ``uvit-tiny`` 32x32, p=2, fp32, B=64 (block-4 masks on the 16x16 grid: 0.9 masks 14 of 16 blocks,
-i.e. 87.5%); GPU ``uvit-b`` 256x256, p=4, bf16 autocast, B=32 (0.9 masks 230 of 256 blocks; at B=64 the full
-step's activations come near an H100's 80 GB). ``extra_info``
-holds images/s, the measured speed-up over the full step and the FLOP ratio next to it.
+Cases: mask ratios 0.5 / 0.75 / 0.9 (block-4 masks) and ``varlen`` (a per-sample ratio in [0.75, 0.95]).
+GPU: ``uvit-b`` 256x256, p=4, bf16 autocast, batches 32 and 128. CPU: ``uvit-tiny`` 32x32, p=2, fp32, batch 64, and
+by default only ratio 0.9 and varlen (``MASKDM_BENCH_RATIOS=0.5,0.75,0.9,varlen`` for all). Other knobs:
+``MASKDM_BENCH_BATCHES=32,128``, ``MASKDM_BENCH_COMPILE=default`` (the mode ``maskdm`` / ``full`` /
+``torch_best_compiled`` use instead of ``auto``'s), ``MASKDM_BENCH_PROVIDERS=maskdm,full``.
 
-    pytest benchmarks/test_bench_train_step.py --benchmark-only            # CPU case, < 2 minutes on 2 cores
+Each row's ``extra_info``: provider, batch, mask_ratio, images_per_s, ``mfu`` (model matmul FLOPs of the step,
+counted on the real tokens only, per second, over the matmul rate measured at the start of this run: bf16 on CUDA,
+fp32 on CPU, in ``matmul_tflops``), ``host_ms`` (host time to enqueue one step, measured with the device idle
+before the call; on CPU the host does the work too, so it is the step time), ``warmup_s`` (first calls, compile
+included), the speed-up over the full step of the same compile mode and the FLOP ratio beside it. Before timing,
+each peer's loss is checked against ours on the same weights and inputs, so a provider that skipped work fails.
 
-NOTE: measured on this project's 2-core CPU box, one thread (OMP_NUM_THREADS=1), 2026-11-28, commit c1439f3:
-full 19.7 img/s; block-4 0.9 (87.5%): maskdm_kernels 226.6 img/s = 11.5x the full step (FLOP ratio 9.8x),
-maskdm_style 227.2, torch_best 224.7; at 0.5 / 0.75: 2.59x / 5.56x (FLOP 2.26x / 4.81x). At this size the three
-masked steps differ by noise. With another process busy on one core, 2 OpenMP threads collapse: time it on a
-quiet box. GPU (uvit-b, B=32, H100): benchmarks/results/2026-11-28-nvidia-h100-80gb-hbm3.md.
+    pytest benchmarks/test_bench_train_step.py --benchmark-only
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import statistics
 import time
 
 import pytest
@@ -35,27 +46,48 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-import maskdm_kernels as mk
 from maskdm import GaussianDiffusion, create_model, masking
+from maskdm.ema import EMA
 from maskdm.model import timestep_embedding
+from maskdm.step import Denoiser, TrainStep, resolve_compile
 
-CASES = {
-    "cpu": {"model": "uvit-tiny", "img": 32, "patch": 2, "batch": 64, "dtype": None, "rounds": 3, "warmup": 1,
-            "device": "cpu"},
-    "cuda": {"model": "uvit-b", "img": 256, "patch": 4, "batch": 32, "dtype": torch.bfloat16, "rounds": 10,
-             "warmup": 3, "device": "cuda"},
-}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="no CUDA device: the GPU case needs one"))]
-RATIOS = [0.5, 0.75, 0.9]
-MASKED = ["maskdm_kernels", "maskdm_style", "torch_best"]
-BLOCK = 4
+from .summarize import matmul_tflops
 
-_FULL_SECONDS: dict[str, float] = {}
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+CASE = ({"model": "uvit-b", "img": 256, "patch": 4, "dtype": torch.bfloat16, "steps": 5, "rounds": 5, "warmup": 3}
+        if ON_GPU else
+        {"model": "uvit-tiny", "img": 32, "patch": 2, "dtype": None, "steps": 1, "rounds": 3, "warmup": 2})
+VARLEN = (0.75, 0.95)
+BLOCK, CLIP, EMA_DECAY = 4, 1.0, 0.9999
+
+
+def _env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    return [s.strip() for s in raw.split(",") if s.strip()] if raw else default
+
+
+BATCHES = [int(b) for b in _env_list("MASKDM_BENCH_BATCHES", ["32", "128"] if ON_GPU else ["64"])]
+RATIOS = _env_list("MASKDM_BENCH_RATIOS", ["0.5", "0.75", "0.9", "varlen"] if ON_GPU else ["0.9", "varlen"])
+MODE = resolve_compile(os.environ.get("MASKDM_BENCH_COMPILE", "auto"), torch.device(DEVICE))
+MASKED = ["maskdm", "maskdm_eager", "maskdm_graph", "torch_best", "torch_best_compiled", "maskdm_style"]
+PROVIDERS = _env_list("MASKDM_BENCH_PROVIDERS", ["full", "full_eager", *MASKED])
+COMPILED = {"maskdm", "full", "torch_best_compiled"}  # providers that run in MODE
+
+_FULL_SECONDS: dict[tuple[int, bool], float] = {}
 _ROWS: list[str] = []
+_RATE: dict[str, float] = {}
 
 
-# ------------------------------------------------------------------------------------------------- providers
+def _params():
+    out = []
+    for b in BATCHES:
+        out += [(b, "0", p) for p in ("full", "full_eager") if p in PROVIDERS]  # first: the speed-up baselines
+        out += [(b, r, p) for r in RATIOS for p in MASKED if p in PROVIDERS]
+    return [pytest.param(*x, id=f"{DEVICE}-B{x[0]}-{x[1]}-{x[2]}") for x in out]
+
+
+# ------------------------------------------------------------------------------------------------- peers
 def _run_blocks(model, h, attn):
     """U-ViT blocks on a uniform ``(B, L, D)`` batch with ``attn(q, k, v)`` over ``(B, H, L, Dh)``."""
     def block(blk, x, skip=None):
@@ -82,7 +114,7 @@ def _extras(model, t, dtype):
     return (te[:, None] + model.pos_embed[:, :1]).to(dtype)  # (B, 1, D)
 
 
-def _vanilla_attention(q, k, v):
+def _explicit_attention(q, k, v):
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, L, L) materialised
     return scores.softmax(dim=-1) @ v
 
@@ -95,92 +127,130 @@ def maskdm_style_loss(model, diffusion, x0, t, noise, mask):
     tokens = tokens + model.pos_embed[:, 1:]
     tokens = tokens[~mask].reshape(B, -1, model.embed_dim)  # host sync: data-dependent shape
     h = torch.cat([_extras(model, t, tokens.dtype), tokens], dim=1)
-    h = _run_blocks(model, h, _vanilla_attention)
+    h = _run_blocks(model, h, _explicit_attention)
     pred = model.head(model.norm(h[:, 1:]))
     target = rearrange(noise, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)[~mask]
     target = target.reshape(B, -1, pred.shape[-1])
     return ((pred.float() - target.float()) ** 2).mean()
 
 
-def torch_best_loss(model, diffusion, x0, t, noise, vis):
-    """The best plain PyTorch can do with a uniform layout: gather, noise only the visible patches, SDPA."""
-    p, B, nv = model.patch_size, x0.shape[0], vis.max_seqlen
-    idx = vis.ids.view(B, nv).long()
-    P = model.patch_dim
+def torch_best_loss(model, diffusion, x0, t, noise, idx, keep=None):
+    """Plain PyTorch at its best: gather the visible patches (``idx (B, L)``), noise only them, SDPA, MSE.
+    ``keep (B, L)`` bool marks real entries of a padded (varlen) ``idx``; None: uniform."""
+    p, (B, L), P = model.patch_size, idx.shape, model.patch_dim
 
     def take(img):
         return torch.gather(rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p), 1,
-                            idx[..., None].expand(B, nv, P))
+                            idx[..., None].expand(B, L, P))
 
     a = diffusion._at("sqrt_alphas_cumprod", t).view(B, 1, 1)
     s = diffusion._at("sqrt_one_minus_alphas_cumprod", t).view(B, 1, 1)
     target = take(noise)
     tokens = model.patch_embed((a * take(x0) + s * target).to(x0.dtype)) + model.pos_embed[0, 1:][idx]
     h = torch.cat([_extras(model, t, tokens.dtype), tokens], dim=1)
-    h = _run_blocks(model, h, F.scaled_dot_product_attention)
+    if keep is None:
+        h = _run_blocks(model, h, F.scaled_dot_product_attention)
+    else:
+        km = F.pad(keep, (1, 0), value=True)[:, None, None, :]  # (B, 1, 1, 1 + L): the time token and real keys
+        h = _run_blocks(model, h, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=km))
     pred = model.head(model.norm(h[:, 1:]))
-    return F.mse_loss(pred.float(), target.float())
+    if keep is None:
+        return F.mse_loss(pred.float(), target.float())
+    per = (pred.float() - target.float()).square().mean(-1) * keep  # (B, L)
+    return (per.sum(1) / keep.sum(1)).mean()
+
+
+def _tail(model, opt, ema, decay):
+    """What follows the backward in every peer, as in ``TrainStep``: clip, AdamW, EMA (one foreach op)."""
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update(decay)
 
 
 # ----------------------------------------------------------------------------------------------------- FLOPs
-def step_flops(model, tokens_per_sample: int) -> float:
-    """Matmul FLOPs of forward + backward (3x forward) for one sample with ``tokens_per_sample`` patches."""
-    D, P, L = model.embed_dim, model.patch_dim, tokens_per_sample + model.extras
-    hidden = model.in_blocks[0].mlp.fc1.out_features if len(model.in_blocks) else model.mid_block.mlp.fc1.out_features
+def sample_flops(model, tokens: int) -> float:
+    """Matmul FLOPs of forward + backward (3x forward) for one sample with ``tokens`` visible patches."""
+    D, P, L = model.embed_dim, model.patch_dim, tokens + model.extras
+    hidden = model.mid_block.mlp.fc1.out_features
     depth = 2 * len(model.in_blocks) + 1
     per_block = 2 * L * (4 * D * D + 2 * D * hidden) + 4 * L * L * D  # qkv + proj + mlp, then QK^T and AV
     skips = len(model.out_blocks) * 2 * L * 2 * D * D
-    return 3.0 * (depth * per_block + skips + 2 * tokens_per_sample * P * D * 2)
+    return 3.0 * (depth * per_block + skips + 2 * tokens * P * D * 2)
 
 
 # -------------------------------------------------------------------------------------------------- harness
-def _setup(device: str):
-    cfg = CASES[device]
+def _sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def _rate() -> float:
+    """FLOP/s of a large matmul here, measured once per run (bf16 on CUDA, fp32 on CPU)."""
+    if "rate" not in _RATE:
+        _RATE["rate"] = matmul_tflops(DEVICE, torch.bfloat16 if ON_GPU else torch.float32) * 1e12
+    return _RATE["rate"]
+
+
+def _inputs(batch: int):
     torch.manual_seed(0)
-    model = create_model(cfg["model"], img_size=cfg["img"], patch_size=cfg["patch"]).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.99, 0.99), weight_decay=0.03)
+    model = create_model(CASE["model"], img_size=CASE["img"], patch_size=CASE["patch"]).to(DEVICE).train()
     diffusion = GaussianDiffusion("cosine")
     g = torch.Generator().manual_seed(0)
-    B = cfg["batch"]
-    x0 = (torch.rand(B, 3, cfg["img"], cfg["img"], generator=g) * 2 - 1).to(device)
-    noise = torch.randn(B, 3, cfg["img"], cfg["img"], generator=g).to(device)
-    t = torch.randint(0, 1000, (B,), generator=g).to(device)
-    return cfg, model, opt, diffusion, x0, noise, t
+    x0 = (torch.rand(batch, 3, CASE["img"], CASE["img"], generator=g) * 2 - 1).to(DEVICE)
+    noise = torch.randn(batch, 3, CASE["img"], CASE["img"], generator=g).to(DEVICE)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(DEVICE)
+    return model, diffusion, x0, noise, t
 
 
-def _autocast(cfg):
-    if cfg["dtype"] is None:
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast(cfg["device"], dtype=cfg["dtype"])
+def _autocast():
+    if CASE["dtype"] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(DEVICE, dtype=CASE["dtype"])
 
 
-def _timed(benchmark, cfg, step) -> float:
-    calls = []
+def _optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.99, 0.99), weight_decay=0.03,
+                             fused=True if ON_GPU else None)
 
-    def run():
+
+def _measure(benchmark, step):
+    """(seconds per step, host ms per enqueue, warm-up seconds). ``step()`` runs one step without syncing."""
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(CASE["warmup"]):
+        step()
+    _sync()
+    warmup = time.perf_counter() - t0
+    host = []
+    for _ in range(3):  # enqueue time with an idle device (nothing queued ahead of the call)
+        _sync()
         t0 = time.perf_counter()
         step()
-        if cfg["device"] == "cuda":
-            torch.cuda.synchronize()
-        calls.append(time.perf_counter() - t0)
+        host.append(time.perf_counter() - t0)
+    _sync()
+    n, rounds = CASE["steps"], []
 
-    try:
-        benchmark.pedantic(run, rounds=cfg["rounds"], warmup_rounds=cfg["warmup"], iterations=1)
-    except torch.cuda.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
-        pytest.skip(f"out of GPU memory at this batch: {str(e).splitlines()[0][:160]}")
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        return stats.stats.mean
-    return calls[-1]  # --benchmark-disable: one call, no statistics
+    def run():  # back-to-back steps as a training loop runs them, one sync at the end
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        _sync()
+        rounds.append((time.perf_counter() - t0) / n)
 
-
-def _device_name(cfg) -> str:
-    return torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    benchmark.pedantic(run, rounds=CASE["rounds"], warmup_rounds=0, iterations=1)
+    return statistics.median(rounds), statistics.median(host) * 1e3, warmup
 
 
-def _describe(cfg) -> str:
-    return f"{cfg['model']} {cfg['img']}x{cfg['img']} p={cfg['patch']} B={cfg['batch']} on {_device_name(cfg)}"
+def _skip_if_too_big(provider, model, batch, L):
+    if provider != "maskdm_style" or not ON_GPU:
+        return
+    # scores + probabilities of every block stay alive for the backward: (B, H, L, L) twice per block, bf16
+    need = 2 * (2 * len(model.in_blocks) + 1) * batch * model.mid_block.attn.num_heads * L * L * 2
+    have = torch.cuda.get_device_properties(0).total_memory
+    if need > 0.7 * have:
+        pytest.skip(f"MaskDM-style attention would keep {need / 2**30:.0f} GiB of score matrices "
+                    f"(device has {have / 2**30:.0f} GiB)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -192,84 +262,98 @@ def _report(request):
         return
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
         tr.write_line("")
-        tr.write_line("train step: images/s | speed-up over the full step (measured vs FLOP ratio)")
+        tr.write_line(f"train step ({CASE['model']} {CASE['img']}x{CASE['img']} p={CASE['patch']} on {_device()}, "
+                      f"compile mode {MODE}): img/s | host ms | mfu | vs full (FLOP ratio)")
         for row in _ROWS:
             tr.write_line("  " + row)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_full_step(benchmark, device):
-    cfg, model, opt, diffusion, x0, noise, t = _setup(device)
-
-    def step():
-        with _autocast(cfg):
-            loss = diffusion.loss(model, x0, t=t, noise=noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    seconds = _timed(benchmark, cfg, step)
-    _FULL_SECONDS[device] = seconds
-    ips = cfg["batch"] / seconds
-    benchmark.extra_info.update(case=_describe(cfg), device=_device_name(cfg), provider="full",
-                                images_per_s=round(ips, 2), mask_ratio=0.0, tokens_per_sample=model.num_patches)
-    _ROWS.append(f"{_describe(cfg)} full: {ips:.1f} img/s")
+def _device() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else f"CPU ({torch.get_num_threads()} threads)"
 
 
-@pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("provider", MASKED)
-@pytest.mark.parametrize("device", DEVICES)
-def test_masked_step(benchmark, device, provider, ratio):
-    cfg, model, opt, diffusion, x0, noise, t = _setup(device)
-    B, grid = cfg["batch"], cfg["img"] // cfg["patch"]
-    vis = masking.block_patches(B, grid, ratio, block_size=BLOCK, generator=torch.Generator().manual_seed(1),
-                                device=device)
-    if provider == "maskdm_style" and device == "cuda":
-        # scores + probabilities of every layer stay alive for the backward: (B, H, L, L) twice per block
-        L, H = vis.max_seqlen + 1, model.mid_block.attn.num_heads
-        need = 2 * (2 * len(model.in_blocks) + 1) * B * H * L * L * 4
-        have = torch.cuda.get_device_properties(0).total_memory
-        if need > 0.7 * have:
-            pytest.skip(f"MaskDM-style attention would keep {need / 2**30:.0f} GiB of score matrices "
-                        f"(device has {have / 2**30:.0f} GiB)")
-    keep = torch.zeros(B, model.num_patches, dtype=torch.bool, device=device)
-    keep[vis.sample_index(), vis.ids.long()] = True
-    mask = ~keep  # the paper's convention, prepared outside the step (MaskDM builds it in the data loader)
+@pytest.mark.parametrize("batch,ratio,provider", _params())
+def test_train_step(benchmark, batch, ratio, provider):
+    if provider == "maskdm_graph" and not ON_GPU:
+        pytest.skip("maskdm_graph captures the step with torch.cuda.graph: CUDA only")
+    if provider in ("maskdm_eager", "full_eager", "torch_best_compiled") and MODE == "off":
+        pytest.skip(f"compile mode resolves to 'off' on {DEVICE}: {provider} would repeat its compiled twin "
+                    f"(MASKDM_BENCH_COMPILE=default to compile here)")
+    if provider == "maskdm_style" and ratio == "varlen":
+        pytest.skip("the MaskDM recipe reshapes boolean-indexed tokens to (B, -1, D): uniform masks only")
+    torch._dynamo.reset()  # each provider compiles from scratch; no cache limit carried over from other cases
+    model, diffusion, x0, noise, t = _inputs(batch)
+    grid = model.grid_size
+    g = torch.Generator().manual_seed(1)
+    vis = None if ratio == "0" else masking.block_patches(
+        batch, grid, VARLEN if ratio == "varlen" else float(ratio), block_size=BLOCK, generator=g, device=DEVICE)
+    lengths = [model.num_patches] * batch if vis is None else vis.lengths.tolist()
+    _skip_if_too_big(provider, model, batch, max(lengths) + 1)
+    mode = MODE if provider in COMPILED else "default" if provider == "maskdm_graph" else "off"
+    opt = _optimizer(model)
+    ema = EMA(model)
 
-    def loss_fn():
-        with _autocast(cfg):
-            if provider == "maskdm_kernels":
-                return diffusion.loss(model, x0, vis, t=t, noise=noise)
-            if provider == "maskdm_style":
-                return maskdm_style_loss(model, diffusion, x0, t, noise, mask)
-            return torch_best_loss(model, diffusion, x0, t, noise, vis)
+    if provider in ("maskdm", "maskdm_eager", "maskdm_graph", "full", "full_eager"):
+        graph = provider == "maskdm_graph"
+        cap = None  # varlen: the static-capacity layout whenever shapes must stay fixed, as `maskdm train` does
+        if ratio == "varlen" and (mode != "off" or graph):
+            cap = masking.static_capacity(batch, grid, VARLEN, BLOCK)
+        runner = TrainStep(model, Denoiser(model), diffusion, opt, ema, CLIP, CASE["dtype"] is not None,
+                           compile=mode, capacity=cap, cuda_graph=graph)
 
-    if provider != "maskdm_kernels":  # same weights, same inputs: same loss as the kernel path
-        with torch.no_grad(), _autocast(cfg):
+        def step():
+            runner(x0, t, noise, vis, 1e-4, EMA_DECAY)
+    else:
+        keep = torch.zeros(batch, model.num_patches, dtype=torch.bool, device=DEVICE)
+        keep[vis.sample_index(), vis.ids.long()] = True
+        if provider == "maskdm_style":
+            args = (model, diffusion, x0, t, noise, ~keep)  # the mask is prepared outside (MaskDM's data loader)
+            fn = maskdm_style_loss
+        else:
+            L = max(lengths)
+            # kept ids to the front of each row (ascending), padded with patch 0: built outside the step
+            ar = torch.arange(model.num_patches, device=DEVICE)
+            idx = torch.where(keep, ar, ar + model.num_patches).sort(dim=1).values[:, :L]
+            real = idx < model.num_patches
+            idx = torch.where(real, idx, 0)
+            args = (model, diffusion, x0, t, noise, idx, None if ratio != "varlen" else real)
+            fn = torch_best_loss if mode == "off" else torch.compile(torch_best_loss, mode=mode, dynamic=False)
+        with torch.no_grad(), _autocast():  # same weights, same inputs: same loss as our path
             ref = diffusion.loss(model, x0, vis, t=t, noise=noise).item()
-            got = loss_fn().item()
-        tol = 2e-2 if cfg["dtype"] is not None else 1e-4
-        assert math.isclose(got, ref, rel_tol=tol), f"{provider} loss {got} != maskdm_kernels loss {ref}"
+            got = fn(*args).item()
+        # bf16 autocast: both sides round activations to bf16 (8 bits) in different places; fp32: summation order
+        tol = 2e-2 if CASE["dtype"] is not None else 1e-4
+        assert math.isclose(got, ref, rel_tol=tol), f"{provider} loss {got} != maskdm loss {ref}"
 
-    def step():
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def step():
+            with _autocast():
+                loss = fn(*args)
+            loss.backward()
+            _tail(model, opt, ema, EMA_DECAY)
 
-    seconds = _timed(benchmark, cfg, step)
-    ips = B / seconds
-    nv = vis.max_seqlen
-    flop_ratio = step_flops(model, model.num_patches) / step_flops(model, nv)
-    backends = {op: mk.dispatch.select(op, torch.device(device), torch.float32)[0]
-                for op in ("gather_patches", "varlen_attention", "masked_noise_loss")}
-    info = {"case": _describe(cfg), "device": _device_name(cfg), "provider": provider, "mask_ratio": ratio,
-            "masked_fraction": 1 - nv / model.num_patches, "tokens_per_sample": nv, "images_per_s": round(ips, 2),
-            "flop_ratio_vs_full": round(flop_ratio, 2), "backends": backends}
-    row = (f"{_describe(cfg)} {provider} ratio {ratio} ({nv}/{model.num_patches} patches kept): {ips:.1f} img/s")
-    if device in _FULL_SECONDS:
-        measured = _FULL_SECONDS[device] / seconds
-        info["speedup_vs_full"] = round(measured, 2)
-        row += f" | {measured:.2f}x vs FLOP ratio {flop_ratio:.2f}x"
+    try:
+        seconds, host_ms, warmup = _measure(benchmark, step)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        pytest.skip(f"out of GPU memory at batch {batch}: {str(e).splitlines()[0][:160]}")
+    ips = batch / seconds
+    flops = sum(sample_flops(model, n) for n in lengths)
+    full_flops = batch * sample_flops(model, model.num_patches)
+    compiled = mode != "off"
+    if provider.startswith("full"):
+        _FULL_SECONDS[(batch, compiled)] = seconds
+    label = f"{VARLEN[0]}-{VARLEN[1]}" if ratio == "varlen" else float(ratio)
+    info = {"provider": provider, "batch": batch, "mask_ratio": label,
+            "images_per_s": round(ips, 2), "mfu": round(flops / seconds / _rate(), 4), "host_ms": round(host_ms, 3),
+            "warmup_s": round(warmup, 2), "compile": mode, "matmul_tflops": round(_rate() / 1e12, 3),
+            "matmul_dtype": "bf16" if ON_GPU else "fp32", "device": _device(),
+            "case": f"{CASE['model']} {CASE['img']}x{CASE['img']} p={CASE['patch']}",
+            "tokens_per_sample": round(sum(lengths) / batch, 1), "flop_ratio_vs_full": round(full_flops / flops, 2)}
+    row = (f"B={batch} {provider:<20} ratio {info['mask_ratio']!s:<7} {ips:9.1f} img/s  host {host_ms:8.2f} ms  "
+           f"mfu {info['mfu']:.3f}")
+    base = _FULL_SECONDS.get((batch, compiled))
+    if base is not None and not provider.startswith("full"):
+        info["speedup_vs_full"] = round(base / seconds, 2)
+        row += f"  {base / seconds:5.2f}x full (FLOP ratio {full_flops / flops:.2f}x)"
     benchmark.extra_info.update(info)
     _ROWS.append(row)
