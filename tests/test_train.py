@@ -302,6 +302,10 @@ def test_two_masked_stages_of_different_strategies(tmp_path):
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in recs)
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
         "finetune_end_step_00000012.png", "pretrain_end_step_00000005.png", "random_end_step_00000008.png"]
+    ck8 = out / "checkpoints" / "ckpt-00000008"  # the random stage's end: ema_pytorch still in its copy phase
+    assert_same_weights(load_file(str(ck8 / "ema.safetensors")), load_file(str(ck8 / "model.safetensors")))
+    ck12 = out / "checkpoints" / "ckpt-00000012"  # constant 0.9 in the fine-tune: the EMA lags the weights
+    assert not torch.equal(*(load_file(str(ck12 / f))["head.weight"] for f in ("ema.safetensors", "model.safetensors")))
 
 
 def test_resume_falls_back_past_a_truncated_newest_checkpoint(reference_run, capsys):
