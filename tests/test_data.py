@@ -191,8 +191,8 @@ def test_folder_subset_keeps_the_map_and_pickles_by_name(tmp_path):
     assert len(ds) == 10 and isinstance(ds.images, np.memmap) and ds.images.shape[0] == 40
     keep = ds.indices
     batch = ds.__getitems__([7, 0, 3])
-    assert torch.equal(batch, torch.from_numpy(np.asarray(full[keep[[7, 0, 3]]])))
-    assert torch.equal(ds[5], torch.from_numpy(np.asarray(full[keep[5]])))
+    assert torch.equal(batch, torch.from_numpy(np.array(full[keep[[7, 0, 3]]])))
+    assert torch.equal(ds[5], torch.from_numpy(np.array(full[keep[5]])))
     blob = pickle.dumps(ds)
     assert len(blob) < 4096  # the file name, not 40 x 192 pixels
     back = pickle.loads(blob)
