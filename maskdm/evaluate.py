@@ -262,14 +262,24 @@ def real_features(dataset, feature: nn.Module, *, backbone_id: str, batch_size: 
     n = len(dataset)
     key = f"{_dataset_key(dataset)}-{backbone_id}"
     path = _cache_root(str(cache_dir) if cache_dir else None) / "features" / f"features-{key}.pt"
+    stats = None
     if path.is_file():
         try:
             stats = torch.load(path, map_location="cpu", weights_only=True)
-            if int(stats["n"]) == n:
-                log(f"[eval] real features of {n} images from the cache {path}")
-                return stats
+            if int(stats["n"]) != n:
+                stats = None
         except (OSError, RuntimeError, KeyError, EOFError) as e:
+            stats = None
             log(f"[eval] ignoring an unreadable feature cache {path}: {e}")
+    if world > 1:  # every rank must take the same branch (nodes may not share the cache folder)
+        import torch.distributed as dist
+
+        hit = torch.tensor([int(stats is not None)], device=device)
+        dist.all_reduce(hit, op=dist.ReduceOp.MIN)
+        stats = stats if int(hit) else None
+    if stats is not None:
+        log(f"[eval] real features of {n} images from the cache {path}")
+        return stats
     g = torch.Generator().manual_seed(0)
     kid_rows = torch.randperm(n, generator=g)[:min(kid_max, n)].sort().values
     total = None

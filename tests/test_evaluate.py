@@ -213,3 +213,46 @@ def test_cli_eval_and_sample_take_the_protocol_options(tmp_path, capsys):
             main(["eval", "--ckpt", str(run), *bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+class _PixelFeatures(torch.nn.Module):
+    """A cheap deterministic 'backbone': the first 8 pixels of each image, as float32 (B, 8)."""
+
+    num_features = 8
+
+    def forward(self, x):
+        return x.flatten(1)[:, :8].float()
+
+
+def _ddp_real_features(rank, world, init, images, cache, out):
+    import torch.distributed as dist
+
+    from maskdm.data import ImageTensorDataset
+    from maskdm.evaluate import real_features
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        stats = real_features(ImageTensorDataset(images, "px"), _PixelFeatures(), backbone_id="px", batch_size=3,
+                              cache_dir=cache, kid_max=7, log=lambda *a: None)
+        torch.save(stats, f"{out}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_features_sharded_over_two_gloo_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from maskdm.data import ImageTensorDataset
+    from maskdm.evaluate import real_features
+
+    images = _shapes(20, 9, 16)
+    one = real_features(ImageTensorDataset(images, "px"), _PixelFeatures(), backbone_id="px", batch_size=3,
+                        cache_dir=tmp_path / "single", kid_max=7, log=lambda *a: None)
+    f = images.flatten(1)[:, :8].double()
+    assert one["n"] == 20 and torch.equal(one["sum"], f.sum(0)) and torch.equal(one["cov_sum"], f.T @ f)
+    mp.spawn(_ddp_real_features, args=(2, f"file://{tmp_path / 'pg'}", images, str(tmp_path / "ddp"),
+                                       str(tmp_path / "r")), nprocs=2, join=True)
+    for r in range(2):  # integer-valued features: the sharded float64 sums are exact
+        got = torch.load(tmp_path / f"r-{r}.pt", weights_only=True)
+        assert all(torch.equal(got[k], one[k]) for k in ("sum", "cov_sum", "kid")) and got["n"] == 20
+    assert len(list((tmp_path / "ddp" / "features").glob("*.pt"))) == 1  # written once, by rank 0
