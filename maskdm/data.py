@@ -213,9 +213,18 @@ def _decode_folder(npy: Path, root: Path, files: list[str], size: int, channels:
     offset = np.load(npy, mmap_mode="r").offset  # where the pixel data starts, after the header
     chunk = 64
     jobs = [(str(npy), offset, str(root), files[i:i + chunk], i, size, mode) for i in range(0, len(files), chunk)]
+    from tqdm import tqdm
+
+    # a bar on a terminal only (disable=None): a large folder takes a while once
+    with tqdm(total=len(files), desc=f"decoding {root}", unit="img", disable=None, mininterval=2.0,
+              leave=False) as bar:
+        _run_chunks(jobs, workers, bar)
+
+
+def _run_chunks(jobs: list, workers: int, bar) -> None:
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            _decode_chunk(*job)
+            bar.update(_decode_chunk(*job))
         return
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -236,7 +245,7 @@ def _decode_folder(npy: Path, root: Path, files: list[str], size: int, channels:
                     break
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for f in done:
-                    f.result()  # re-raises a worker's "cannot decode image <path>"
+                    bar.update(f.result())  # re-raises a worker's "cannot decode image <path>"
         except BaseException:
             for f in pending:
                 f.cancel()
