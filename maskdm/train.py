@@ -3,10 +3,10 @@
     maskdm train --config configs/fashion_mnist_quick.yaml [key=value ...] [--resume]
     torchrun --nproc_per_node 8 -m maskdm train --config configs/celebahq256_b_pretrain90.yaml
 
-Where things are: this file draws each step's inputs and runs the stages (resume, logging and checkpoint points,
-signals); ``step.py`` is the device work of one step; ``distributed.py`` the process set-up; ``metrics.py`` the
-on-device loss window and ``metrics.jsonl``; ``run_dir.py`` the run folder's marker and lock; ``checkpoint.py``
-the checkpoint files; ``ema.py`` the EMA and its schedules.
+Where things are: this file runs the stages (resume, logging and checkpoint points, signals); ``inputs.py``
+draws each step's inputs; ``step.py`` is the device work of one step; ``distributed.py`` the process set-up;
+``metrics.py`` the on-device loss window and ``metrics.jsonl``; ``run_dir.py`` the run folder's marker and lock;
+``checkpoint.py`` the checkpoint files; ``ema.py`` the EMA and its schedules.
 
 Determinism: every random draw of step ``s`` (timesteps, noise, flips, masks) comes from generators seeded
 by ``(seed, s)`` over the *global* batch, and each rank keeps its share (positions ``rank::world``), matching
@@ -21,7 +21,6 @@ non-finite checkpoint is ever written and the last good ones are kept.
 
 from __future__ import annotations
 
-import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,14 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from maskdm_kernels import Visible
-
 from . import checkpoint as ckpt_io
-from . import masking
 from .config import Config, StageConfig
 from .data import BatchPlan, build_dataset, infinite_batches, to_model_range
 from .distributed import Dist, StopFlag, agree_stop, barrier, check_ranks_identical, on_main, setup, teardown
 from .ema import EMA, ema_decay
+from .inputs import make_mask, mix_seed, restore_rng, rng_state, step_generator, step_inputs
 from .metrics import MetricsLog, Window, check_tensorboard, plot_loss
 from .run_dir import prepare_run_dir
 from .sample import build_model, generate, make_diffusion, save_grid
@@ -45,71 +42,9 @@ from .step import Denoiser, TrainStep, compile_forward, resolve_compile, step_op
 
 __all__ = ["DivergedError", "evaluate_after_training", "make_mask", "step_generator", "step_inputs", "train"]
 
-_MASK64 = (1 << 63) - 1
-
 
 class DivergedError(RuntimeError):
     """A non-finite loss or gradient norm; the message names the stage, the steps and the last good checkpoint."""
-
-
-# ------------------------------------------------------------------------------------------- step inputs
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from integers (splitmix64 finaliser over a running hash)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-        h = h * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & _MASK64
-
-
-def step_generator(seed: int, step: int, stream: int, device) -> torch.Generator:
-    """The generator of random stream ``stream`` at global step ``step``."""
-    return torch.Generator(device=device).manual_seed(_mix(seed, step, stream))
-
-
-def _rows(vis: Visible, rank: int, world: int) -> Visible:
-    """Samples ``rank::world`` of a layout."""
-    if world == 1:
-        return vis
-    B = vis.batch_size
-    if vis.uniform:
-        ids = vis.ids.view(B, vis.max_seqlen)[rank::world].reshape(-1).contiguous()
-        b = ids.numel() // max(vis.max_seqlen, 1)
-        cu = torch.arange(b + 1, device=ids.device, dtype=torch.int32) * vis.max_seqlen
-        return Visible(ids, cu, vis.max_seqlen, vis.num_patches, True)
-    keep = torch.zeros(B, vis.num_patches, dtype=torch.bool, device=vis.device)
-    keep[vis.sample_index(), vis.ids.long()] = True
-    return Visible.from_mask(~keep[rank::world])  # varlen: one host sync
-
-
-def make_mask(stage: StageConfig, batch: int, grid: tuple[int, int], device, generator) -> Visible | None:
-    if stage.mask == "none":
-        return None
-    ratio = list(stage.mask_ratio) if isinstance(stage.mask_ratio, tuple) else stage.mask_ratio
-    if stage.mask == "random":
-        return masking.random_patches(batch, grid, ratio, device=device, generator=generator)
-    if stage.mask == "block":
-        return masking.block_patches(batch, grid, ratio, block_size=stage.block_size, device=device,
-                                     generator=generator)
-    return masking.crop_patches(batch, grid, stage.crop_size, device=device, generator=generator)
-
-
-def step_inputs(seed: int, step: int, stage: StageConfig, global_batch: int, shape: tuple, grid: tuple,
-                timesteps: int, hflip: float, d: Dist):
-    """(t, noise, flip, vis) of this rank at global step ``step``: drawn for the global batch, sliced."""
-    dev, r, w = d.device, d.rank, d.world
-    t = torch.randint(0, timesteps, (global_batch,), generator=step_generator(seed, step, 0, dev), device=dev)
-    noise = torch.randn((global_batch, *shape), generator=step_generator(seed, step, 1, dev), device=dev)
-    flip = None
-    if hflip > 0:
-        flip = torch.rand(global_batch, generator=step_generator(seed, step, 2, dev), device=dev)[r::w] < hflip
-    # Varlen ratios draw their per-sample counts on the host: give them a CPU generator so they are seeded too.
-    mdev = "cpu" if isinstance(stage.mask_ratio, tuple) else dev
-    vis = make_mask(stage, global_batch, grid, dev, step_generator(seed, step, 3, mdev))
-    vis = _rows(vis, r, w) if vis is not None else None
-    return t[r::w].contiguous(), noise[r::w].contiguous(), flip, vis
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -273,7 +208,7 @@ def _resume_from(run: _Run, ck: Path) -> None:
     state = ckpt_io.load_state(ck)
     run.step, run.opt_state, run.opt_stage = int(state["step"]), state["optimizer"], int(state["stage"])
     run.resumed_from = ck
-    _restore_rng(state.get("rng", {}), run.d)
+    restore_rng(state.get("rng", {}), run.d)
     changed = _diff(ckpt_io.load_config_dict(ck), run.cfg.to_dict())
     if changed:
         run.log(f"[train] warning: resuming with a config that differs from the checkpoint's in "
@@ -316,7 +251,7 @@ def _begin_stage(run: _Run, si: int, stage: StageConfig, stop: StopFlag, on_step
             raise ckpt_io.CheckpointError(f"{run.resumed_from / 'state.pt'}: its optimizer state does not fit this "
                                           f"model and stage ({' '.join(str(e).split())})") from None
     run.opt_state = None
-    data_seed = _mix(cfg.train.seed, si) & 0x7FFFFFFF
+    data_seed = mix_seed(cfg.train.seed, si) & 0x7FFFFFFF
     plan = BatchPlan(len(run.dataset), stage.batch_size // d.world, data_seed, d.rank, d.world)
     step = TrainStep(run.model, run.module, run.diffusion, optimizer, run.ema, stage.grad_clip, run.bf16,
                      **step_options(cfg.train, stage, stage.batch_size // d.world, run.patch_grid, d.device))
@@ -433,7 +368,7 @@ def _save(run: _Run, st: _Stage, local: int) -> None:
 def _write_checkpoint(run: _Run, st: _Stage, local: int) -> str:
     n = len(st.plan)
     state = {"step": run.step, "stage": st.index, "stage_step": local, "optimizer": st.optimizer.state_dict(),
-             "rng": _rng_state(run.d), "world_size": run.d.world,
+             "rng": rng_state(run.d), "world_size": run.d.world,
              "data": {"stage": st.index, "epoch": local // n, "batch_in_epoch": local % n, "seed": st.data_seed,
                       "global_batch": st.cfg.batch_size}}
     tr = run.cfg.train
@@ -477,23 +412,6 @@ def _diff(a, b, path: str = "") -> list[str]:
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [k for i, (x, y) in enumerate(zip(a, b)) for k in _diff(x, y, f"{path}[{i}]")]
     return [] if a == b else [path]
-
-
-def _rng_state(d: Dist) -> dict:
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if d.device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(d.device)
-    return st
-
-
-def _restore_rng(st: dict, d: Dist) -> None:
-    # Training draws come from (seed, step)-keyed generators; the global states are restored for anything else.
-    if "torch" in st:
-        torch.set_rng_state(st["torch"])
-    if "python" in st:
-        random.setstate((3, tuple(st["python"]), None))
-    if "cuda" in st and d.device.type == "cuda":
-        torch.cuda.set_rng_state(st["cuda"], d.device)
 
 
 def evaluate_after_training(cfg: Config, summary: dict, d: Dist | None = None, log=print) -> dict:
