@@ -130,8 +130,10 @@ class EvalConfig:
     # through the backbone, its features cached on disk per dataset + backbone (the paper's FID protocol).
     real: Literal["all", "sample"] = "sample"
     feature_cache: str | None = None  # real-feature cache folder; None: data.cache_dir's, or ~/.cache/maskdm
-    # DDIM grid and eps handling (GaussianDiffusion.ddim_sample): uniform + recompute are our defaults; the paper's
-    # code uses reference + model. precision: auto = bf16 autocast on GPU; fp32 = no autocast (the reference).
+    # DDIM grid and eps handling (GaussianDiffusion.ddim_sample). Our defaults: uniform (ends at t = 0, so the last
+    # model call sees the least noise) + recompute (each update stays on the line through x_t and the clipped x0,
+    # as guided-diffusion); the paper's code: reference + model (the paper configs set those).
+    # precision: auto = bf16 autocast on GPU; fp32 = no autocast (the reference samples in fp32).
     ddim_grid: Literal["uniform", "reference"] = "uniform"
     ddim_eps: Literal["recompute", "model"] = "recompute"
     precision: Literal["auto", "fp32"] = "auto"
