@@ -4,7 +4,7 @@ import torch
 import maskdm_kernels as mk
 from maskdm_kernels import reference as ref
 
-from .utils import BACKENDS, TOLS, assert_close, make_images, make_visible, skip_unless_available
+from .utils import BACKENDS, DTYPES, TOLS, assert_close, make_images, make_visible, skip_unless_available
 
 # (C, p, H, W, layout): C in {1, 3}, p in {1, 2, 4, 8}, H != W, uniform / varlen / full / one-token layouts.
 CASES = [
@@ -23,7 +23,7 @@ def _scales(B, device):
     return torch.rand(B, generator=g).to(device), torch.rand(B, generator=g).to(device)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "C{}p{}_{}x{}_{}".format(*c))
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("device,name", BACKENDS)

@@ -4,13 +4,13 @@ import torch
 import maskdm_kernels as mk
 from maskdm_kernels import reference as ref
 
-from .utils import BACKENDS, TOLS, assert_close, make_visible, skip_unless_available
+from .utils import BACKENDS, DTYPES, TOLS, assert_close, make_visible, skip_unless_available
 
 CASES = [(3, 4, 16, 24, "uniform"), (1, 2, 6, 10, "varlen"), (3, 1, 5, 7, "varlen"), (3, 8, 16, 8, "full"),
          (1, 4, 8, 12, "one")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "C{}p{}_{}x{}_{}".format(*c))
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("device,name", BACKENDS)
