@@ -56,6 +56,40 @@ def test_flash_backend_is_named_but_never_picked_for_patch_ops(monkeypatch):
         mk.gather_patches(torch.randn(2, 3, 8, 8), vis, 2)
 
 
+def test_select_is_cached_and_follows_every_input_it_depends_on(monkeypatch):
+    monkeypatch.delenv("MASKDM_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    first = dispatch.select("gather_patches", cpu, torch.float32)
+    assert dispatch.select("gather_patches", cpu, torch.float32) is first  # a dict hit, not a new decision
+    monkeypatch.setenv("MASKDM_BACKEND", "torch")
+    assert dispatch.select("gather_patches", cpu, torch.float32)[0] == "torch"
+    monkeypatch.delenv("MASKDM_BACKEND")
+    with mk.backend("torch"):
+        assert dispatch.select("gather_patches", cpu, torch.float32)[0] == "torch"
+    assert dispatch.select("gather_patches", cpu, torch.float32) is first
+    monkeypatch.setitem(dispatch.GPU_ORDER, "gather_patches", ("triton", "cuda", "torch"))
+    assert not dispatch._CHOICES  # a changed order drops every cached decision
+
+
+def test_eager_calls_run_the_kernel_directly_and_traced_ones_the_custom_op(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from maskdm_kernels.ops import gather_patches as G
+
+    calls = []
+    real = G._gather_patches
+    monkeypatch.setattr(G, "_gather_patches", lambda *a: calls.append(1) or real(*a))
+    vis = make_visible("uniform", 2, 16, "cpu")
+    x = torch.randn(2, 3, 8, 8)
+    expected = mk.gather_patches(x, vis, 2)
+    assert not calls  # eager: straight to the backend, no custom-op dispatch
+    with FakeTensorMode() as mode:
+        fake_vis = mk.Visible(mode.from_tensor(vis.ids), mode.from_tensor(vis.cu_seqlens), vis.max_seqlen,
+                              vis.num_patches, vis.uniform)
+        out = mk.gather_patches(mode.from_tensor(x), fake_vis, 2)
+    assert calls and out.shape == expected.shape  # a dispatch mode must see the op: it goes through it
+
+
 def test_auto_on_cpu_prefers_the_compiled_kernel():
     name, _ = dispatch.select("gather_patches", torch.device("cpu"), torch.float32)
     assert name == ("cpu" if _cpp_lib.loaded() else "torch")
