@@ -6,10 +6,9 @@ import platform
 
 import torch
 
-import maskdm_kernels
+import maskdm_kernels  # importing the package imports every op module, and each registers its backends
 
 from . import _cpp_lib, dispatch
-from . import ops as _ops  # noqa: F401  (registers every op)
 
 
 def _versions() -> dict:
@@ -46,7 +45,39 @@ def report() -> str:
                 if b == pick:
                     continue
                 lines.append(f"      {b}: " + ("available (not first in the auto order)" if not rs else "; ".join(rs)))
+    lines += attention_rules()
     return "\n".join(lines)
+
+
+def attention_rules() -> list[str]:
+    """Which attention kernel each shape class gets on CUDA under ``auto``, and why (the evidence is noted beside
+    ``AUTO_ORDER`` in ops/varlen_attention.py and ``GPU_ORDER`` in ops/attention.py)."""
+    from .ops import attention as at
+    from .ops import varlen_attention as va
+    from .ops import varlen_attention_triton as vt
+
+    det = torch.are_deterministic_algorithms_enabled()
+    lines = ["", "attention on CUDA tensors under auto (first backend that can run; order per shape class):",
+             (f"  attention (B, N, H, Dh): {' > '.join(dispatch.GPU_ORDER[at.OP])} (SDPA ahead on every uniform fwd+bwd of "
+             "the H100 run of 2026-11-28; Triton ahead by <= 4% on two long forwards)")]
+    classes = {"uniform-short": f"uniform, max_seqlen <= {va.SHORT_UNIFORM}",
+               "uniform-long": f"uniform, max_seqlen > {va.SHORT_UNIFORM}", "varlen": "varlen (lengths differ)"}
+    for cls, desc in classes.items():
+        fwd, bwd = va.AUTO_ORDER[(va.OP, cls)], va.AUTO_ORDER[(va.OP_BWD, cls)]
+        if det:
+            bwd = tuple(b for b in bwd if b != "flash")
+        lines.append(f"  varlen_attention {desc}: forward {' > '.join(fwd)}; backward {' > '.join(bwd)}")
+    lines += [
+        "  why: torch.nn.attention.varlen (what flash calls) beat the Triton kernels of 2026-11-28 on H100 at N <= 417",
+        "       (fwd and fwd+bwd) and on the varlen backward; Triton won N >= 1025 and the varlen forward. The flash",
+        ("       backward is not deterministic: skipped while torch.are_deterministic_algorithms_enabled() "
+        f"(now {det})."),
+        (f"  Triton backward: one fused program per (sequence, head) up to max_seqlen {vt.FUSED_BWD_MAX_SEQLEN}, else"
+        " dK/dV + dQ kernels; both deterministic."),
+        ("  The Triton kernels changed since that run (5-product backward, one-loop forward, longest-first grid):"
+        " unmeasured on a GPU; the GPU suite's attention phase re-decides these orders."),
+    ]
+    return lines
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 
 from .. import dispatch
 from ..dispatch import register
@@ -135,6 +136,41 @@ def _backward(ctx, dout, dlse):
 _varlen_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Eager(torch.autograd.Function):
+    """The eager path: the same backends and the same saved (out, lse) as the custom op, without the dispatcher and
+    custom-op wrappers around them (they cost the host more than the kernels at the paper's 90% shapes). The custom
+    op stays what torch.compile, export, opcheck, fake tensors and functorch see."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+        out, lse = _impl(OP, q, cu_seqlens, max_seqlen)(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+        ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        fn = _impl(OP_BWD, q, cu_seqlens, ctx.max_seqlen)
+        dq, dk, dv = fn(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None
+
+
+def _eager_ok(q: Tensor) -> bool:
+    """Plain tensors, no compile / export trace, no dispatch mode (fake tensors, functionalization) and no functorch
+    transform: then the backends can be called directly."""
+    return (type(q) is Tensor and not torch.compiler.is_compiling() and _current_mode() is None
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _run(q, k, v, cu_seqlens, max_seqlen, scale) -> Tensor:
+    if _eager_ok(q):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _Eager.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+        return _impl(OP, q, cu_seqlens, max_seqlen)(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+    return _varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+
+
 # -------------------------------------------------------------------------------------------------- checks
 def check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
     """Shapes, dtypes and devices only: O(1) Python, no tensor ops, no sync."""
@@ -146,7 +182,7 @@ def check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
     if q.dim() != ndim:
         fail(op, "q", f"must be {layout}, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
+        if tuple.__ne__(t.shape, q.shape):  # plain tuple compare: torch.Size's goes through sym_eq (slow)
             fail(op, name, f"must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             fail(op, name, f"must have q's dtype {q.dtype}, got {t.dtype}", TypeError)
@@ -202,7 +238,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     if validate and not torch.compiler.is_compiling():
         validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+    return _run(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 def validate_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
