@@ -127,6 +127,8 @@ def import_reference(ckpt: str | Path, config: str | Path, out_dir: str | Path, 
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{ckpt}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     online, ema, step = split_reference_checkpoint(obj, str(ckpt))
+    if any(k.endswith(".attn.q_bias") for k in online) and not cfg.model.qkv_bias:
+        raise ValueError(f"{ckpt} was trained with qkv_bias (q/v biases): add model.qkv_bias=true to the import")
     model = build_model(cfg, data_channels(cfg))
     states = {}
     for which, ref in (("online", online), ("ema", ema)):

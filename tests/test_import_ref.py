@@ -187,6 +187,13 @@ def test_import_writes_a_run_folder_that_sampling_eval_and_init_from_read(tmp_pa
     rc = cli_main(["import-ref", str(tmp_path / "model-1.pt"), "--config", str(tmp_path / "cfg.yaml"), "--out",
                    str(tmp_path / "run2")])
     assert rc == 0 and ckpt_io.find_checkpoint(tmp_path / "run2").name == "ckpt-00001234"
+    torch.save({"model": {f"model.{k}": v for k, v in reference_state_dict(qkv_bias=True).items()}},
+               tmp_path / "qv.pt")
+    with pytest.raises(ValueError, match="model.qkv_bias=true"):
+        import_reference(tmp_path / "qv.pt", tmp_path / "cfg.yaml", tmp_path / "run4", log=lambda *a: None)
+    path = import_reference(tmp_path / "qv.pt", tmp_path / "cfg.yaml", tmp_path / "run4", ["model.qkv_bias=true"],
+                            log=lambda *a: None)
+    assert ckpt_io.load_weights(path, "ema")["in_blocks.0.attn.qkv.bias"].shape == (3 * D,)  # EMA = online here
     with pytest.raises(Exception, match="does not fit this model"):
         import_reference(tmp_path / "model-1.pt", tmp_path / "cfg.yaml", tmp_path / "run3", ["model.embed_dim=64"],
                          log=lambda *a: None)
