@@ -194,6 +194,14 @@ def _cache_root(cache_dir: str | None) -> Path:
     return Path(base) / "maskdm"
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -291,20 +299,20 @@ def load_image_folder(root: str, image_size: int, channels: int = 3, cache_dir: 
     cache = _cache_root(cache_dir) / f"folder-{h.hexdigest()[:20]}-{image_size}-{mode}.npy"
     err = cache.with_name(f".{cache.name}.error")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    writable = _writable(cache.parent)
+    if not cache.is_file() and not writable:  # every rank decodes for itself (local rank 0 cannot publish)
+        warnings.warn(f"folder cache {cache.parent} is not writable; decoding into a temporary file (decoded again "
+                      f"next run; set data.cache_dir to a writable folder)", stacklevel=2)
+        return _decode_to_temp(root_path, files, image_size, channels, mode, workers)
     if not cache.is_file() and local_rank != 0:
         _wait_for(cache, err, f"decoding {root_path}")
     if not cache.is_file():
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            for stale in cache.parent.glob(f".{cache.name}.*.tmp"):  # left by a killed decode
-                if not _pid_alive(int(stale.name.rsplit(".", 2)[-2])):
-                    stale.unlink(missing_ok=True)
-            err.unlink(missing_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        except OSError as e:
-            warnings.warn(f"folder cache {cache.parent} is not writable ({e}); decoding into a temporary file "
-                          f"(decoded again next run; set data.cache_dir to a writable folder)", stacklevel=2)
-            return _decode_to_temp(root_path, files, image_size, channels, mode, workers)
+        for stale in cache.parent.glob(f".{cache.name}.*.tmp"):  # left by a killed decode
+            pid = stale.name.rsplit(".", 2)[-2]
+            if not (pid.isdigit() and _pid_alive(int(pid))):
+                stale.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         try:
             _decode_folder(tmp, root_path, files, image_size, channels, mode, workers)
             with open(tmp, "rb+") as f:
@@ -312,9 +320,14 @@ def load_image_folder(root: str, image_size: int, channels: int = 3, cache_dir: 
             os.replace(tmp, cache)  # the commit point: readers see a complete cache or none
         except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):  # decode faults are ValueErrors naming the image: this is the cache write
+                e = OSError(e.errno, f"writing the folder cache {tmp} failed: {e.strerror or e} (free space there "
+                                     f"or set data.cache_dir)")
             if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
                 with contextlib.suppress(OSError):
                     err.write_text(str(e) or type(e).__name__)
+            if isinstance(e, OSError):
+                raise e from None
             raise
     arr = np.load(cache, mmap_mode="r")
     if arr.shape != shape or arr.dtype != np.uint8:

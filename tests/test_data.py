@@ -181,6 +181,28 @@ def test_ddp_ranks_share_one_decode(tmp_path, monkeypatch):
         D.load_image_folder(str(other), 8, cache_dir=str(cache))
 
 
+def test_unwritable_cache_and_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    root = _many_images(tmp_path / "imgs", 5)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a waiting rank must not wait for a cache nobody can write
+    with pytest.warns(UserWarning, match="not writable"):
+        arr = D.load_image_folder(str(root), 8, cache_dir=str(blocker / "cache"))
+    assert arr.shape == (5, 3, 8, 8) and not Path(arr.filename).exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(D.os, "pwrite", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match=r"writing the folder cache .*\.tmp failed: No space left on device"):
+        D.load_image_folder(str(root), 8, cache_dir=str(cache), workers=1)
+    assert list(cache.iterdir()) == []
+
+
 def test_folder_subset_keeps_the_map_and_pickles_by_name(tmp_path):
     import pickle
 
