@@ -58,8 +58,8 @@ def attention_rules() -> list[str]:
 
     det = torch.are_deterministic_algorithms_enabled()
     lines = ["", "attention on CUDA tensors under auto (first backend that can run; order per shape class):",
-             (f"  attention (B, N, H, Dh): {' > '.join(dispatch.GPU_ORDER[at.OP])} (SDPA ahead on every uniform fwd+bwd of "
-             "the H100 run of 2026-11-28; Triton ahead by <= 4% on two long forwards)")]
+             (f"  attention (B, N, H, Dh): {' > '.join(dispatch.GPU_ORDER[at.OP])} (SDPA ahead on every uniform"
+              " fwd+bwd of the H100 run of 2026-11-28; Triton ahead by <= 4% on two long forwards)")]
     classes = {"uniform-short": f"uniform, max_seqlen <= {va.SHORT_UNIFORM}",
                "uniform-long": f"uniform, max_seqlen > {va.SHORT_UNIFORM}", "varlen": "varlen (lengths differ)"}
     for cls, desc in classes.items():

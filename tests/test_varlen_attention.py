@@ -131,7 +131,7 @@ def test_triton_other_block_sizes(monkeypatch, block_m, block_n):
     _compare("triton", (200, 1, 16, 33, 129), 1, 40, torch.float32)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash backend runs PyTorch's CUDA FlashAttention kernels")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash backend runs PyTorch's CUDA kernels")
 @pytest.mark.parametrize("lengths", [LONG, (64, 64, 64)])
 def test_flash_backend_matches_reference(lengths):
     """Same accuracy rule as the other backends; skipped with the dispatcher's reasons where flash cannot run."""

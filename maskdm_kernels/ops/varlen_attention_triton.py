@@ -108,7 +108,8 @@ def _locate(pid, cu_ptr, sched_ptr, nheads, B, T, max_seqlen, BLOCK: tl.constexp
             b = v // nblk
             row0 = (v % nblk) * BLOCK
         start = b.to(tl.int64) * max_seqlen
-        good = (tl.load(cu_ptr + b).to(tl.int64) == start) & (tl.load(cu_ptr + b + 1).to(tl.int64) == start + max_seqlen)
+        good = tl.load(cu_ptr + b).to(tl.int64) == start
+        good = good & (tl.load(cu_ptr + b + 1).to(tl.int64) == start + max_seqlen)
         seqlen = max_seqlen
         status = tl.where(good, 0, 1)
     else:
@@ -442,7 +443,8 @@ def _bwd_dq_kernel(
             dsT = tl.where((rows < seqlen)[:, None], dsT, 0.0)
         dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, dq, input_precision="ieee")
     tl.store(dQ_ptr + (start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
-             (dq * sm_scale).to(dQ_ptr.dtype.element_ty), mask=(offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :])
+             (dq * sm_scale).to(dQ_ptr.dtype.element_ty),
+             mask=(offs_m < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -459,10 +461,11 @@ def _configs(pairs) -> list:
 
 # NOTE: candidate sets for Hopper (sm90: 228 KB shared memory, 64K registers per SM), from the shapes FlashAttention-2
 # and the Triton tutorial use there; kernel time unmeasured (no GPU in the session that wrote them). Per kernel and
-# head-dim class (Dh <= 64, Dh <= 128): (BLOCK_M, BLOCK_N, warps, stages). Every one compiles for sm_90a in bf16 with
-# tensor-core products and no ptxas spills (tests/test_attention_sm90.py --all, triton 3.8); candidates that spilled
-# there were dropped (dK/dV 64x128x8w3s, 128x128; dQ 128x64; fused 128x64, Dh 128 64x64). The autotuner times each on the
-# first call per (head dim, dtype, max_seqlen bucket, uniform) and drops those that exceed shared memory.
+# head-dim class (Dh <= 64, Dh <= 128): (BLOCK_M, BLOCK_N, warps, stages). Every one compiles for sm_90a in bf16
+# with tensor-core products and no ptxas spills (tests/test_attention_sm90.py --all, triton 3.8); candidates that
+# spilled there were dropped (dK/dV 64x128x8w3s, 128x128; dQ 128x64; fused 128x64, Dh 128 64x64). The autotuner
+# times each on the first call per (head dim, dtype, max_seqlen bucket, uniform) and drops those that exceed
+# shared memory.
 CONFIGS = {
     "fwd": {64: _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3),
                           (64, 32, 4, 3)]),
