@@ -33,13 +33,16 @@ def data_channels(cfg: Config) -> int:
 
 def load_for_sampling(ckpt: str | Path, which: str = "ema",
                       device="cpu") -> tuple[MaskedViT, GaussianDiffusion, Config]:
-    """(model in eval mode on ``device``, its diffusion, its config) from a checkpoint or run folder."""
+    """(model in eval mode on ``device``, its diffusion, its config) from a checkpoint or run folder. The model's
+    forward is compiled as the run's ``train.compile`` says for ``device`` (``auto``: on CUDA, not on CPU)."""
+    from .step import compile_forward, resolve_compile
+
     path = find_checkpoint(ckpt)
     cfg = config_from_dict(load_config_dict(path))
     model = build_model(cfg, data_channels(cfg))
     model.load_state_dict(load_weights(path, which))
     model.to(device).eval()
-    return model, make_diffusion(cfg), cfg
+    return compile_forward(model, resolve_compile(cfg.train.compile, device)), make_diffusion(cfg), cfg
 
 
 def make_diffusion(cfg: Config) -> GaussianDiffusion:

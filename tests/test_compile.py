@@ -13,6 +13,7 @@ from maskdm import GaussianDiffusion, masking
 from maskdm.config import ConfigError
 from maskdm.ema import EMA
 from maskdm.model import MaskedViT
+from maskdm.sample import load_for_sampling
 from maskdm.step import Denoiser, TrainStep, resolve_compile, step_options
 from maskdm.train import train
 from tests.test_train import tiny_config
@@ -75,6 +76,12 @@ def test_compiled_run_matches_eager_run_and_never_recompiles(tmp_path):
     # Each stage compiles its loss once (first step), then never again.
     assert [r["recompiles"] for r in on] == [0] * 7
     assert on[0]["compiles"] >= 1 and on[4]["compiles"] >= 1
+    # `maskdm sample` / `eval` load the run's weights with its compiled forward (the shape its grids compiled)
+    model, _, cfg = load_for_sampling(tmp_path / "default")
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) and cfg.train.compile == "default"
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 50, 99])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), model._orig_mod(x, t), rtol=1e-4, atol=1e-5)
 
 
 def _tiny(seed=0):
