@@ -260,7 +260,8 @@ class TrainStep:
             svis = None if vis is None else Visible(sids, scu, *self._vis_meta)
             self.optimizer.zero_grad(set_to_none=True)  # the backward inside the graph allocates (then rewrites) them
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
+            # thread_local: the data loader's pin-memory thread keeps using CUDA while this thread captures
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
                 self._out = self._device_step(sx, st, sn, svis, sw)
         else:
             meta = None if vis is None else (vis.max_seqlen, vis.num_patches, vis.uniform)
