@@ -5,6 +5,9 @@ backward's 5 products, S recomputed, are 2.5x the forward's 2: the flash-attenti
 are charged the same useful FLOPs, so padding shows up as a lower TFLOP/s, and their time includes the pad / unpad
 copies a packed layout needs. Inputs are strided views of a fused ``(T, 3, H, Dh)`` qkv, as a ViT block makes them.
 
+On a GPU each provider gets ``device_median_ms`` (CUDA events, L2 flushed) and ``graph_median_ms`` (CUDA-graph
+replay: kernel time alone, host overhead excluded).
+
 GPU (bf16, Dh 64): MaskDM-B at 90% / 50% / full (N 417 / 2049 / 4097, H 12, B 64 / 16 / 8), U-ViT-S CelebA-64 p=2
 (N 1025 full, 104 at 90%, H 8, B 256), and varlen with visible ratios drawn uniformly from 10%-50% of 4096 (B 16).
 CPU: a small uniform and a small varlen shape in fp32, torch providers only (interpreted Triton is skipped).
@@ -40,8 +43,10 @@ CASES = {
     "cpu-varlen": (("varlen", 8, 1024, 0.1, 0.5), 4),
 }
 FLEX_CASES = ("maskdm-b-90", "varlen-10-50")
-PROVIDERS = ["maskdm", "maskdm-triton", "maskdm-torch", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
-             "sdpa-math", "sdpa-padded", "flex", "xformers", "torch-varlen"]
+# maskdm: our dispatch (auto); maskdm-<backend>: one of our backends forced; flash: the flash-attn package's
+# flash_attn_varlen_func; torch-varlen: torch.nn.attention.varlen (what maskdm-flash calls).
+PROVIDERS = ["maskdm", "maskdm-triton", "maskdm-torch", "maskdm-flash", "sdpa", "sdpa-flash", "sdpa-efficient",
+             "sdpa-cudnn", "sdpa-math", "sdpa-padded", "flex", "flash", "xformers", "torch-varlen"]
 _SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 
@@ -153,6 +158,14 @@ def _provider_fn(provider, case, uniform, lengths, cu, benchmark):
         if case not in FLEX_CASES:
             return None, f"FlexAttention compiles per shape (~30 s each): run on {', '.join(FLEX_CASES)} only"
         return _flex_fn(uniform, lengths, cu, benchmark), None
+    if provider == "flash":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            return None, "the flash-attn package is not installed"
+        if not ON_GPU:
+            return None, "flash-attn runs on CUDA only"
+        return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, L, L), None
     if provider == "xformers":
         try:
             import xformers.ops as xops
@@ -205,8 +218,9 @@ def test_attention(benchmark, case, mode, provider):
     timed_step = timed(step)
     benchmark(timed_step)
     flops = 4 * sum(n * n for n in lengths) * HEAD_DIM * q.shape[1] * (1.0 if mode == "fwd" else 3.5)
-    capturable = provider.startswith(("maskdm", "sdpa", "torch-varlen"))  # the others may sync or recompile
-    record(benchmark, timed_step, graph=capturable, flops=flops, provider=provider,
+    # Every provider is also timed from a CUDA-graph replay (graph_median_ms: kernel time without the host); one
+    # that cannot be captured (a sync, a recompile) records None there.
+    record(benchmark, timed_step, graph=True, flops=flops, provider=provider,
            dtype=str(DTYPE).replace("torch.", ""), head_dim=HEAD_DIM, heads=q.shape[1], batch=len(lengths),
            max_seqlen=max(lengths), tokens=int(cu[-1]), uniform=uniform,
            padded_flops_ratio=round(len(lengths) * max(lengths) ** 2 / sum(n * n for n in lengths), 3))
