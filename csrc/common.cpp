@@ -22,6 +22,18 @@ void check_layout(const char* op, const at::Tensor& ids, const at::Tensor& cu_se
   TORCH_CHECK(ids.numel() < (int64_t(1) << 31), op, ": ids has ", ids.numel(), " tokens, more than 2^31 - 1");
 }
 
+void check_cu_seqlens_host(const char* op, const at::Tensor& cu_seqlens, int64_t num_tokens) {
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  const int64_t n = cu_seqlens.numel();
+  TORCH_CHECK_VALUE(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    TORCH_CHECK_VALUE(cu[i + 1] >= cu[i], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", i, "]=", cu[i],
+                      " > cu_seqlens[", i + 1, "]=", cu[i + 1]);
+  }
+  TORCH_CHECK_VALUE(cu[n - 1] == num_tokens, op, ": cu_seqlens[-1] must equal T=", num_tokens,
+                    " (the number of ids), got ", cu[n - 1]);
+}
+
 void check_float_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim, const at::Device& device) {
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": ", name,

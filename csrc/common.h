@@ -18,6 +18,9 @@ namespace maskdm {
 // before a raw out-of-bounds access. Values (ids, cu_seqlens) are not read here: that would sync the device.
 void check_layout(const char* op, const at::Tensor& ids, const at::Tensor& cu_seqlens, const at::Device& device,
                   int64_t batch);
+// CPU kernels only (the values are on the host: reading them is no sync): cu_seqlens starts at 0, never decreases
+// and ends at num_tokens, else a ValueError naming it. The CUDA kernels check the same on the device (NaN, no sync).
+void check_cu_seqlens_host(const char* op, const at::Tensor& cu_seqlens, int64_t num_tokens);
 void check_float_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim, const at::Device& device);
 void check_patch_size(const char* op, int64_t patch_size, int64_t height, int64_t width);
 // A (B,) per-sample tensor, as a contiguous acc-dtype copy (B values: negligible); undefined if absent.

@@ -1,5 +1,6 @@
-// Device helpers shared by the CUDA patch kernels: the launch shape, the per-block token cache, and a
-// deterministic block reduction (warp shuffles, then one warp over the warp sums; fixed order, no atomics).
+// Device helpers shared by the CUDA patch kernels: the launch shape, the per-block token cache (with the checks
+// that keep any id / cu_seqlens values in bounds), and a deterministic block reduction (warp shuffles, then one
+// warp over the warp sums; fixed order, no atomics).
 //
 // Launch shape: a block of kThreads threads owns `tok_per_block` consecutive tokens. Its threads first
 // resolve those tokens (binary search of cu_seqlens, the patch id's grid row/col) into shared memory, then
@@ -38,15 +39,39 @@ __device__ __forceinline__ int block_tokens(int64_t num_tokens, int64_t t0, int 
 
 struct TokenCache {
   TokenPos pos[kMaxTokPerBlock];
+  bool ok[kMaxTokPerBlock];  // false: a bad patch id or cu_seqlens; pos is then a safe in-bounds placeholder
 };
 
-// Fills cache.pos for tokens [t0, t0 + ntok); callers __syncthreads() before reading it.
-__device__ __forceinline__ void cache_tokens(TokenCache& cache, const int32_t* ids, const int32_t* cu_seqlens,
-                                             int64_t t0, int ntok, int32_t batch, const PatchPlan& g) {
+// In every thread: cu_seqlens (batch + 1 values) starts at 0, never decreases and ends at num_tokens. Reads the
+// B + 1 values once per block (L2-resident); a barrier.
+__device__ __forceinline__ bool block_layout_ok(const int32_t* cu_seqlens, int32_t batch, int64_t num_tokens) {
+  int bad = 0;
+  for (int i = threadIdx.x; i < batch; i += blockDim.x) bad |= cu_seqlens[i + 1] < cu_seqlens[i];
+  if (threadIdx.x == 0) bad |= cu_seqlens[0] != 0 || static_cast<int64_t>(cu_seqlens[batch]) != num_tokens;
+  return !__syncthreads_or(bad);
+}
+
+// Fills cache.pos / cache.ok for tokens [t0, t0 + ntok) and returns, in every thread, whether any is invalid
+// (a barrier: the cache is readable after it). An invalid token is never used as an address: it gets patch
+// (0, 0) of the sample the search finds (always in [0, batch)), and the kernels write NaN for it.
+__device__ __forceinline__ bool cache_tokens(TokenCache& cache, const int32_t* ids, const int32_t* cu_seqlens,
+                                             int64_t t0, int ntok, int32_t batch, const PatchPlan& g,
+                                             bool layout_ok) {
+  int any_bad = 0;
   for (int i = threadIdx.x; i < ntok; i += blockDim.x) {
-    CUDA_KERNEL_ASSERT(valid_patch_id(ids[t0 + i], g) && "maskdm: ids holds a patch id outside [0, num_patches)");
-    cache.pos[i] = token_pos(ids, cu_seqlens, t0 + i, batch, g);
+    const bool ok = layout_ok && valid_patch_id(ids[t0 + i], g);
+    TokenPos tp;
+    if (ok) {
+      tp = token_pos(ids, cu_seqlens, t0 + i, batch, g);
+    } else {
+      tp.b = token_sample(cu_seqlens, t0 + i, batch);
+      tp.prow = tp.pcol = 0;
+    }
+    cache.pos[i] = tp;
+    cache.ok[i] = ok;
+    any_bad |= !ok;
   }
+  return __syncthreads_or(any_bad);
 }
 
 template <typename acc_t>

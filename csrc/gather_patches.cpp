@@ -71,7 +71,7 @@ void gather_cpu(const GatherArgs<scalar_t>& a) {
       }
     }
   });
-  TORCH_CHECK(!bad_id, "gather_patches_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
+  TORCH_CHECK_VALUE(!bad_id, "gather_patches_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
 }
 
 at::Tensor gather_patches_cpu(const at::Tensor& images, const at::Tensor& ids, const at::Tensor& cu_seqlens,
@@ -79,6 +79,7 @@ at::Tensor gather_patches_cpu(const at::Tensor& images, const at::Tensor& ids, c
                               const c10::optional<at::Tensor>& signal_scale,
                               const c10::optional<at::Tensor>& noise_scale) {
   GatherInputs in = prepare_gather(images, ids, cu_seqlens, patch_size, noise, signal_scale, noise_scale);
+  check_cu_seqlens_host("gather_patches_kernel", cu_seqlens, ids.numel());
   if (in.out.numel() == 0) return in.out;
   dispatch_float(images.scalar_type(), "gather_patches_kernel", "images", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;

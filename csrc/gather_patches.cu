@@ -4,6 +4,7 @@
 // of a (p2 c) run, loaded and stored as one vector; in col mode (NCHW, C > 1) it is a vector of p2 values of
 // one channel, stored C apart in the token (the warp still covers whole token rows, merged in L2).
 // Bytes moved: reads T*P values of images (and T*P of noise), writes T*P values; masked pixels are never read.
+// A token with a patch id outside [0, N), or any token of a malformed cu_seqlens, gets a NaN row (no host sync).
 #include <torch/library.h>
 
 #include "cuda_utils.cuh"
@@ -17,12 +18,16 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(const GatherArgs<scala
   __shared__ TokenCache cache;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tok_per_block;
   const int ntok = block_tokens(a.num_tokens, t0, tok_per_block);
-  cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g);
-  __syncthreads();
+  const bool layout_ok = block_layout_ok(a.cu_seqlens, a.batch, a.num_tokens);
+  cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g, layout_ok);
   const int units = a.g.units;
   for (int i = threadIdx.x; i < ntok * units; i += blockDim.x) {
     const int tl = i / units;
-    gather_unit<V>(a, t0 + tl, cache.pos[tl], i - tl * units);
+    if (cache.ok[tl]) {
+      gather_unit<V>(a, t0 + tl, cache.pos[tl], i - tl * units);
+    } else {
+      gather_unit_nan<V>(a, t0 + tl, i - tl * units);
+    }
   }
 }
 

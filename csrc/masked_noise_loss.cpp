@@ -82,7 +82,7 @@ acc_t loss_forward_cpu(const LossArgs<pred_t, noise_t>& a) {
       partial[c] = sum;
     }
   });
-  TORCH_CHECK(!bad_id, "masked_noise_loss_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
+  TORCH_CHECK_VALUE(!bad_id, "masked_noise_loss_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
   acc_t total = 0;
   for (const acc_t s : partial) total += s;
   return total;
@@ -104,7 +104,7 @@ void loss_backward_cpu(const LossArgs<pred_t, noise_t>& a, acc_t grad) {
       for (int32_t u = 0; u < a.g.units; ++u) loss_unit_grad_at<V>(a, t, tab.unit[u], n0 + tab.off0[u], factor);
     }
   });
-  TORCH_CHECK(!bad_id, "masked_noise_loss_backward_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
+  TORCH_CHECK_VALUE(!bad_id, "masked_noise_loss_backward_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
 }
 
 at::Tensor masked_noise_loss_cpu(const at::Tensor& pred, const at::Tensor& noise, const at::Tensor& ids,
@@ -112,6 +112,7 @@ at::Tensor masked_noise_loss_cpu(const at::Tensor& pred, const at::Tensor& noise
                                  const c10::optional<at::Tensor>& weight) {
   constexpr const char* op = "masked_noise_loss_kernel";
   LossInputs in = prepare_loss(op, pred, noise, ids, cu_seqlens, patch_size, weight, at::Tensor());
+  check_cu_seqlens_host(op, cu_seqlens, ids.numel());
   const auto acc = acc_type(pred.scalar_type());  // the loss's dtype follows pred's, as the fake says
   if (ids.numel() == 0) return at::zeros({}, pred.options().dtype(acc));
   double total = 0;
@@ -130,6 +131,7 @@ at::Tensor masked_noise_loss_backward_cpu(const at::Tensor& grad, const at::Tens
                                           const c10::optional<at::Tensor>& weight) {
   constexpr const char* op = "masked_noise_loss_backward_kernel";
   LossInputs in = prepare_loss(op, pred, noise, ids, cu_seqlens, patch_size, weight, grad);
+  check_cu_seqlens_host(op, cu_seqlens, ids.numel());
   if (ids.numel() > 0) {
     dispatch_loss_types(in, op, [&](auto pt, auto nt) {
       using pred_t = typename decltype(pt)::type;

@@ -8,6 +8,9 @@
 // the same and writes T*P of grad.
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
+
 #include "cuda_utils.cuh"
 #include "patch_ops.h"
 
@@ -22,9 +25,13 @@ __device__ __forceinline__ int setup_block(const LossArgs<pred_t, noise_t>& a, i
                                            TokenCache& cache, acc_t* factor, int64_t& t0) {
   t0 = static_cast<int64_t>(blockIdx.x) * tok_per_block;
   const int ntok = block_tokens(a.num_tokens, t0, tok_per_block);
-  cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g);
+  const bool layout_ok = block_layout_ok(a.cu_seqlens, a.batch, a.num_tokens);
+  cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g, layout_ok);
   const acc_t g = grad != nullptr ? acc_t(2) * *grad : acc_t(1);
-  for (int i = threadIdx.x; i < ntok; i += blockDim.x) factor[i] = g * loss_token_scale(a, cache.pos[i].b);
+  // An invalid token reads its safe placeholder position and is weighted by NaN: NaN loss, NaN gradient row.
+  for (int i = threadIdx.x; i < ntok; i += blockDim.x) {
+    factor[i] = cache.ok[i] ? g * loss_token_scale(a, cache.pos[i].b) : std::numeric_limits<acc_t>::quiet_NaN();
+  }
   __syncthreads();
   return ntok;
 }
@@ -77,7 +84,9 @@ at::Tensor masked_noise_loss_cuda(const at::Tensor& pred, const at::Tensor& nois
   const c10::cuda::CUDAGuard guard(pred.device());
   LossInputs in = prepare_loss(op, pred, noise, ids, cu_seqlens, patch_size, weight, at::Tensor());
   const auto out_dtype = acc_type(pred.scalar_type());  // the loss's dtype follows pred's, as the fake says
-  if (ids.numel() == 0) return at::zeros({}, pred.options().dtype(out_dtype));
+  if (ids.numel() == 0) {  // no token: 0, or NaN when cu_seqlens is not all 0 (no host sync)
+    return at::zeros({}, pred.options().dtype(out_dtype)).masked_fill_(cu_seqlens.ne(0).any(), NAN);
+  }
   const auto acc = acc_type(in.pred.scalar_type());
   const int tpb = tokens_per_block(in.g);
   const unsigned int blocks = num_blocks(ids.numel(), tpb);

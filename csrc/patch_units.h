@@ -10,6 +10,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <limits>
+
 #include "patch_index.h"
 
 namespace maskdm {
@@ -104,6 +106,16 @@ MASKDM_HD void gather_unit_at(const GatherArgs<scalar_t>& a, int64_t t, int32_t 
     for (int i = 0; i < V; ++i) v[i] += s * n[i];
   }
   store_token<V>(a.out, a.g.P, t, un, a.g.tok_vec, v);
+}
+
+// NaN over unit u of token t: the gather row of a token with an invalid patch id or layout (nothing is read).
+template <int V, typename scalar_t>
+MASKDM_HD void gather_unit_nan(const GatherArgs<scalar_t>& a, int64_t t, int32_t u) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t v[V];
+  MASKDM_UNROLL
+  for (int i = 0; i < V; ++i) v[i] = std::numeric_limits<acc_t>::quiet_NaN();
+  store_token<V>(a.out, a.g.P, t, unit_coords(a.g, u), a.g.tok_vec, v);
 }
 
 // Unit u of token t at tp, decoded here (the CUDA kernels; the CPU ones look units up in a UnitTable).

@@ -54,13 +54,14 @@ void scatter_cpu(const ScatterArgs<scalar_t>& a) {
       for (int32_t u = 0; u < a.g.units; ++u) scatter_unit_at<V>(a, t, tab.unit[u], o0 + tab.off0[u]);
     }
   });
-  TORCH_CHECK(!bad_id, "scatter_patches_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
+  TORCH_CHECK_VALUE(!bad_id, "scatter_patches_kernel: ids holds a patch id outside [0, ", a.g.N, ")");
 }
 
 at::Tensor scatter_patches_cpu(const at::Tensor& tokens, const at::Tensor& ids, const at::Tensor& cu_seqlens,
                                int64_t patch_size, int64_t batch, int64_t channels, int64_t height, int64_t width,
                                double fill) {
   ScatterInputs in = prepare_scatter(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill);
+  check_cu_seqlens_host("scatter_patches_kernel", cu_seqlens, ids.numel());
   if (tokens.numel() == 0) return in.out;
   dispatch_float(tokens.scalar_type(), "scatter_patches_kernel", "tokens", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;

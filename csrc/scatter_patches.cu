@@ -4,7 +4,11 @@
 // unit is a vector of up to 16 bytes along w in the image (row mode for C == 1, col mode for C > 1), read
 // from the token with coalesced (row mode: vector) loads.
 // Bytes moved: writes B*C*H*W values (the fill), reads T*P token values and writes T*P image values.
+// A token with a patch id outside [0, N) makes its sample's image NaN; a malformed cu_seqlens, every image.
 #include <torch/library.h>
+
+#include <cmath>
+#include <limits>
 
 #include "cuda_utils.cuh"
 #include "patch_ops.h"
@@ -17,12 +21,25 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const ScatterArgs<sca
   __shared__ TokenCache cache;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tok_per_block;
   const int ntok = block_tokens(a.num_tokens, t0, tok_per_block);
-  cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g);
-  __syncthreads();
+  const bool layout_ok = block_layout_ok(a.cu_seqlens, a.batch, a.num_tokens);
+  const bool any_bad = cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g, layout_ok);
   const int units = a.g.units;
   for (int i = threadIdx.x; i < ntok * units; i += blockDim.x) {
     const int tl = i / units;
-    scatter_unit<V>(a, t0 + tl, cache.pos[tl], i - tl * units);
+    if (cache.ok[tl]) scatter_unit<V>(a, t0 + tl, cache.pos[tl], i - tl * units);
+  }
+  if (!any_bad) return;
+  // Error path: an invalid token has nowhere to go, so its sample's image becomes NaN; a malformed cu_seqlens,
+  // every image (block 0). The output is contiguous: image b is [b * so.b, (b + 1) * so.b).
+  const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+  const int64_t image = a.so.b;
+  for (int tl = 0; tl < ntok; ++tl) {
+    if (cache.ok[tl]) continue;
+    scalar_t* img = a.out + static_cast<int64_t>(cache.pos[tl].b) * image;
+    for (int64_t e = threadIdx.x; e < image; e += blockDim.x) img[e] = nan;
+  }
+  if (!layout_ok && blockIdx.x == 0) {
+    for (int64_t e = threadIdx.x; e < a.batch * image; e += blockDim.x) a.out[e] = nan;
   }
 }
 
@@ -32,6 +49,7 @@ at::Tensor scatter_patches_cuda(const at::Tensor& tokens, const at::Tensor& ids,
   TORCH_CHECK(tokens.is_cuda(), "scatter_patches_kernel: tokens must be a CUDA tensor here, got ", tokens.device());
   const c10::cuda::CUDAGuard guard(tokens.device());
   ScatterInputs in = prepare_scatter(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill);
+  if (ids.numel() == 0) return in.out.masked_fill_(cu_seqlens.ne(0).any(), NAN);  // no token: cu must be all 0
   if (tokens.numel() == 0) return in.out;
   const int tpb = tokens_per_block(in.g);
   const unsigned int blocks = num_blocks(ids.numel(), tpb);
