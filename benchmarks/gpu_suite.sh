@@ -82,17 +82,19 @@ if has train; then
   # Cheapest and most telling first, so a cut-off run keeps them: B=32 at 90% (eager rows, then compiled ours,
   # the compiled peer, the captured step), then varlen, then batch 128, then the other ratios.
   if [ "$DRY" = 1 ]; then
-    sel=("-k" "B64 and (0.9 or full) and not eager")
+    sel=("-k" "B64 and (0.9 or full_eager)")
     MASKDM_BENCH_RATIOS=0.9 bench test_bench_train_step "$TRAIN_TIMEOUT" benchmarks/test_bench_train_step.py \
       "${sel[@]}"
   else
     end=$(( $(date +%s) + ${TRAIN_TIMEOUT:-180} ))
     left() { echo $(( end - $(date +%s) )); }
     MASKDM_BENCH_BATCHES=32 MASKDM_BENCH_RATIOS=0.9 bench train_b32_90 "$(left)" benchmarks/test_bench_train_step.py
-    for spec in "32 varlen" "128 0.9" "32 0.5,0.75"; do
+    masked=maskdm,maskdm_eager,maskdm_graph,torch_best,torch_best_compiled,maskdm_style  # full rows: once per batch
+    all=$masked,full,full_eager
+    for spec in "32 varlen $masked" "128 0.9 $all" "32 0.5,0.75 $masked"; do
       set -- $spec
       [ "$(left)" -gt 20 ] || { echo "train steps: no time left for batch $1 ratio $2"; break; }
-      MASKDM_BENCH_BATCHES=$1 MASKDM_BENCH_RATIOS=$2 bench "train_b$1_${2//,/_}" "$(left)" \
+      MASKDM_BENCH_BATCHES=$1 MASKDM_BENCH_RATIOS=$2 MASKDM_BENCH_PROVIDERS=$3 bench "train_b$1_${2//,/_}" "$(left)" \
         benchmarks/test_bench_train_step.py
     done
   fi
