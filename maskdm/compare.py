@@ -195,9 +195,9 @@ class _Arm:
     """The callbacks of one arm's ``train`` run: stage switches, the budget, evaluation points, progress."""
 
     def __init__(self, rec: dict, cfg, fractions, budget_s: float | None, budget_steps: int | None, evals: int,
-                 evaluate, diffusion, save, log, device, clock: str):
+                 evaluate, diffusion, save, log, device, clock: str, at_start: bool = False):
         self.rec, self.cfg, self.evaluate, self.diffusion = rec, cfg, evaluate, diffusion
-        self.save, self.log, self.device = save, log, device
+        self.save, self.log, self.device, self.at_start = save, log, device, at_start
         self.budget_s, self.budget_steps = budget_s, budget_steps
         total = budget_s if budget_s is not None else budget_steps
         bounds = _cumulative(fractions)
@@ -218,6 +218,8 @@ class _Arm:
         self.si, self.ema = index, ema_model
         self.rec["stages"][index].update(start_seconds=round(self.clock(), 3),
                                          start_wall_seconds=round(self.clock.wall(), 3), start_step=self.n)
+        if index == 0 and self.at_start:
+            self._point([])  # the initial weights (the EMA starts as a copy of them)
         self.clock.resume()
 
     def on_step(self, step: int) -> bool:
@@ -258,7 +260,8 @@ class _Arm:
         t0 = time.monotonic()
         r = self.evaluate(self.ema, self.diffusion)
         took = time.monotonic() - t0
-        self.targets = self.targets[max(due) + 1:]
+        if due:
+            self.targets = self.targets[max(due) + 1:]
         point = {"seconds": round(seconds, 3), "wall_seconds": round(wall, 3), "step": self.n,
                  "stage": self.cfg.stages[self.si].name, "fid": r["fid"], "kid": r["kid_mean"], "kid_std": r["kid_std"],
                  "eval_seconds": round(took, 2)}
@@ -279,7 +282,8 @@ def run_compare(arms: list[tuple[str, str, object]], out: str | Path, *, minutes
                 steps: int | None = None, evals: int = 4, eval_num: int = 200, eval_sampler: str = "ddim",
                 eval_steps: int = 50, eval_eta: float = 1.0, eval_batch_size: int = 100, eval_seed: int = 0,
                 backbone: str = "effnet-lite0", resize: int = 128, inception_weights: str | None = None,
-                seed: int | None = None, clock: str = "wall", command: str | None = None, log=None) -> dict:
+                seed: int | None = None, clock: str = "wall", eval_at_start: bool = False, command: str | None = None,
+                log=None) -> dict:
     """Train and score every arm (``(name, config path, Config)``) at one budget; returns what compare.json holds.
 
     Exactly one of ``minutes`` (training time per arm, on ``clock``: wall or cpu) and ``steps`` (optimizer steps
@@ -360,7 +364,7 @@ def run_compare(arms: list[tuple[str, str, object]], out: str | Path, *, minutes
             log(f"[compare] arm {i + 1}/{len(arms)} {name!r} ({path}): stages "
                 + ", ".join(f"{s['name']} {s['fraction']:.0%}" for s in rec["stages"]))
             arm = _Arm(rec, acfg, fractions[name], None if minutes is None else 60.0 * minutes, steps, evals,
-                       evaluator, make_diffusion(acfg), save, log, device, clock)
+                       evaluator, make_diffusion(acfg), save, log, device, clock, eval_at_start)
             wall = time.monotonic()
             summary = train(acfg, log=lambda *a: None, on_step=arm.on_step, on_stage=arm.on_stage, overwrite=True)
             rec.update(wall_seconds=round(time.monotonic() - wall, 1), load_average={**rec["load_average"],
@@ -434,6 +438,8 @@ def add_arguments(p) -> None:
     budget.add_argument("--steps", type=int, help="instead of --minutes: optimizer steps per arm; the points then "
                         "depend only on the seed (repeatable, the test mode)")
     p.add_argument("--evals", type=int, default=4, help="evaluation points per arm, at k/K of the budget")
+    p.add_argument("--eval-at-start", action="store_true", help="also score each arm's initial weights (a point at "
+                   "0 minutes, step 0: where an untrained model stands under this protocol)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what --minutes counts: wall-clock, or "
                    "this process's CPU time (fairer between arms run one after the other on a shared CPU machine; "
                    "with one training thread it is the time on an idle core); both are recorded")
@@ -458,8 +464,9 @@ def _command(args) -> str:
     """The command line that reproduces this run (options as parsed)."""
     parts = ["maskdm compare", *(f"--config {c}" for c in args.config), *(f"--set {s}" for s in args.set)]
     for k, v in vars(args).items():
-        if k not in ("config", "set", "cmd") and v is not None:
-            parts.append(f"--{k.replace('_', '-')} {v}")
+        if k in ("config", "set", "cmd") or v is None or v is False:
+            continue
+        parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
     return " ".join(parts)
 
 
@@ -475,5 +482,5 @@ def main(args) -> int:
                       eval_num=args.eval_num, eval_sampler=args.eval_sampler, eval_steps=args.eval_steps,
                       eval_eta=args.eval_eta, eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed,
                       backbone=args.backbone, resize=args.resize, inception_weights=args.inception_weights,
-                      seed=args.seed, clock=args.clock, command=_command(args))
+                      seed=args.seed, clock=args.clock, eval_at_start=args.eval_at_start, command=_command(args))
     return 130 if res["interrupted"] else 0

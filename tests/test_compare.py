@@ -45,7 +45,7 @@ def test_time_budget_json_png_and_budget(tmp_path):
     out = tmp_path / "cmp"
     minutes = 0.04  # 2.4 s of training per arm
     rc = main(["compare", "--config", configs[0], "--config", configs[1], "--minutes", str(minutes), "--evals", "2",
-               "--out", str(out), *EVAL])
+               "--out", str(out), "--eval-at-start", *EVAL])
     assert rc == 0
     res = json.loads((out / "compare.json").read_text())
     assert res["device"].startswith("cpu")
@@ -53,10 +53,14 @@ def test_time_budget_json_png_and_budget(tmp_path):
     assert len(res["load_average"]["start"]) == 3 and len(res["load_average"]["end"]) == 3
     assert res["protocol"]["num_generated"] == 8 and "efficientnet-lite0" in res["protocol"]["backbone"]
     assert [a["name"] for a in res["arms"]] == ["scratch", "masked"] and not res["interrupted"]
+    assert " --eval-at-start " in res["command"] and "--eval-num 8" in res["command"] and "False" not in res["command"]
     budget = 60 * minutes
+    starts = [arm["points"][0] for arm in res["arms"]]
+    assert all(p["seconds"] == 0 and p["step"] == 0 for p in starts)
+    assert starts[0]["fid"] == starts[1]["fid"]  # same model config and seed: the same initial weights
     for arm in res["arms"]:
         assert arm["status"] == "done" and arm["images_per_s"] > 0 and arm["eval_seconds"] > 0
-        pts = arm["points"]
+        pts = arm["points"][1:]
         assert len(pts) == 2
         assert all(p["fid"] > 0 and p["kid"] == p["kid"] and p["step"] > 0 for p in pts)
         assert pts[0]["seconds"] >= budget / 2 and pts[0]["step"] < pts[1]["step"]
