@@ -17,6 +17,7 @@ from .. import reference
 from ..dispatch import register, select
 from ..layout import Visible
 from ._common import (
+    FLOAT_DTYPES,
     check_float,
     check_num_patches,
     check_patch_size,
@@ -115,6 +116,27 @@ def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int
     Returns:
         0-dim float32 loss, differentiable in ``pred``. A sample with no visible token contributes 0.
     """
+    if not _usual(pred, noise, vis, patch_size, weight):
+        _check(pred, noise, vis, patch_size, weight)
+    if validate:
+        vis.validate()
+    return loss_tokens(pred, noise, vis.ids, vis.cu_seqlens, patch_size, weight)
+
+
+def _usual(pred, noise, vis, p, weight) -> bool:
+    """Every check of ``_check`` in one expression, for a well-formed call (see gather_patches._usual)."""
+    if not (isinstance(pred, Tensor) and isinstance(noise, Tensor) and type(vis) is Visible and type(p) is int
+            and p > 0 and pred.dtype in FLOAT_DTYPES and noise.dtype in FLOAT_DTYPES and noise.dim() == 4):
+        return False
+    B, C, H, W = noise.shape
+    dev = noise.device
+    return (not (H % p or W % p) and vis.num_patches == (H // p) * (W // p) and vis.cu_seqlens.shape[0] == B + 1
+            and vis.ids.device == dev and pred.device == dev and pred.shape == (vis.ids.shape[0], p * p * C)
+            and (weight is None or (isinstance(weight, Tensor) and weight.dtype in FLOAT_DTYPES and weight.dim() == 1
+                                    and weight.shape[0] == B and weight.device == dev)))
+
+
+def _check(pred, noise, vis, patch_size, weight) -> None:
     check_float(OP, "pred", pred, 2)
     check_float(OP, "noise", noise, 4)
     B, C, H, W = noise.shape
@@ -127,9 +149,6 @@ def masked_noise_loss(pred: Tensor, noise: Tensor, vis: Visible, patch_size: int
         fail(OP, "pred", f"must have shape (T, p*p*C) = ({vis.total}, {patch_size * patch_size * C}), "
              f"got {tuple(pred.shape)}")
     check_per_sample(OP, "weight", weight, B, noise.device)
-    if validate:
-        vis.validate()
-    return loss_tokens(pred, noise, vis.ids, vis.cu_seqlens, patch_size, weight)
 
 
 register(OP, "torch")(reference.masked_noise_loss_ref)

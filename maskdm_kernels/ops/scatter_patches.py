@@ -9,6 +9,7 @@ from .. import reference
 from ..dispatch import register, select
 from ..layout import Visible
 from ._common import (
+    FLOAT_DTYPES,
     check_float,
     check_num_patches,
     check_patch_size,
@@ -84,9 +85,32 @@ def scatter_patches(tokens: Tensor, vis: Visible, patch_size: int, image_size, f
     whose patch id is outside ``[0, N)`` makes its sample's image NaN (it has nowhere to go), a malformed
     ``cu_seqlens`` every image; the C++ CPU kernel raises instead (its values are on the host).
     """
-    check_float(OP, "tokens", tokens, 2)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
+    if not _usual(tokens, vis, patch_size, image_size):
+        _check(tokens, vis, patch_size, image_size)
+    H, W = image_size
+    P = tokens.shape[1]
+    if validate:
+        vis.validate()
+    return scatter_tokens(tokens, vis.ids, vis.cu_seqlens, patch_size, vis.batch_size, P // patch_size ** 2,
+                          H, W, float(fill))
+
+
+def _usual(tokens, vis, p, image_size) -> bool:
+    """Every check of ``_check`` in one expression, for a well-formed call (see gather_patches._usual)."""
+    if not (isinstance(tokens, Tensor) and type(vis) is Visible and type(p) is int and p > 0
+            and type(image_size) is tuple and len(image_size) == 2 and tokens.dtype in FLOAT_DTYPES
+            and tokens.dim() == 2):
+        return False
+    H, W = image_size
+    return (type(H) is int and type(W) is int and H > 0 and W > 0 and not (H % p or W % p)
+            and vis.num_patches == (H // p) * (W // p) and vis.ids.device == tokens.device
+            and not tokens.shape[1] % (p * p) and tokens.shape[0] == vis.ids.shape[0])
+
+
+def _check(tokens, vis, patch_size, image_size) -> None:
+    check_float(OP, "tokens", tokens, 2)
     if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
             or not all(isinstance(s, int) and s > 0 for s in image_size)):
         fail(OP, "image_size", f"must be an int or an (H, W) pair of positive ints, got {image_size!r}", TypeError)
@@ -99,10 +123,6 @@ def scatter_patches(tokens: Tensor, vis: Visible, patch_size: int, image_size, f
         fail(OP, "tokens", f"last dim {P} is not a multiple of patch_size**2={patch_size ** 2}")
     if tokens.shape[0] != vis.total:
         fail(OP, "tokens", f"has {tokens.shape[0]} rows but vis keeps {vis.total} tokens")
-    if validate:
-        vis.validate()
-    return scatter_tokens(tokens, vis.ids, vis.cu_seqlens, patch_size, vis.batch_size, P // patch_size ** 2,
-                          H, W, float(fill))
 
 
 def _scatter_ref(tokens, ids, cu_seqlens, patch_size, batch, channels, height, width, fill):
