@@ -161,11 +161,14 @@ def test_lse(backend):
 @NEEDS_TRITON
 @pytest.mark.parametrize("fwd,bwd", [("triton", "torch"), ("torch", "triton")])
 def test_backends_interchange(fwd, bwd):
-    """Both backends save the same (out, lse), so a backward may run on the other backend."""
+    """Both backends save the same (out, lse), so a backward may run on the other backend (through the custom op:
+    the eager CPU torch path is SDPA's own autograd, which saves nothing of ours)."""
+    from maskdm_kernels.ops.varlen_attention import _varlen_attention
+
     qkv, cu, L = _case((1, 17, 64, 70), 2, 40, torch.float32)
     dout = torch.randn(qkv.shape[0], 2, 40)
     with mk.backend(fwd):
-        out = mk.varlen_attention(*qkv.unbind(1), cu, L)
+        out = _varlen_attention(*qkv.unbind(1), cu, L, 40**-0.5)[0]
     with mk.backend(bwd):
         (grad,) = torch.autograd.grad(out, qkv, dout)
     ref_out, ref_grad = _reference(qkv, cu, L, dout)
@@ -248,14 +251,18 @@ def test_torch_backend_float64_is_exact():
 
 
 def test_torch_backend_without_fused_kernel(monkeypatch):
-    """The path CUDA's backward and older torch take: explicit-math forward, recompute + torch.func.vjp backward."""
+    """The path CUDA's backward and older torch take: explicit-math forward, recompute + torch.func.vjp backward
+    (through the custom op: eager CPU calls are SDPA on views)."""
     from maskdm_kernels.ops import varlen_attention_torch as op
+    from maskdm_kernels.ops.varlen_attention import _varlen_attention
 
     monkeypatch.setattr(op, "_cpu_fused", lambda: False)
     for lengths in ((1, 17, 64, 70), (33, 33)):
         qkv, cu, L = _case(lengths, 2, 40, torch.float32)
         dout = torch.randn(qkv.shape[0], 2, 40)
-        out, grad = _run("torch", qkv, cu, L, dout)
+        with mk.backend("torch"):
+            out = _varlen_attention(*qkv.unbind(1), cu, L, 40**-0.5)[0]
+            (grad,) = torch.autograd.grad(out, qkv, dout)
         ref_out, ref_grad = _reference(qkv, cu, L, dout)
         _check("out", out, ref_out, 1e-5)
         _check("grad", grad, ref_grad, 1e-5)

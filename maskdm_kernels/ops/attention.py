@@ -60,7 +60,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     out = out.transpose(1, 2)
     if math.isnan(scale):  # every score is NaN; SDPA's fused kernels return 0
         return out * math.nan
-    if q.device.type == "cpu":  # the CPU flash kernel gives 0, not NaN, for a query row holding a NaN
+    # The CPU flash kernel gives 0, not NaN, for a query row holding a NaN. Eager: values are on the host, so one
+    # sum decides and the fix runs only on a NaN; traced: always.
+    if q.device.type == "cpu" and (torch.compiler.is_compiling() or not math.isfinite(q.detach().sum().item())):
         out = torch.where(q.isnan().any(dim=-1, keepdim=True), math.nan, out)
     return out
 

@@ -25,6 +25,7 @@ from ._common import fail
 OP = "varlen_attention"
 OP_BWD = "varlen_attention_backward"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HEAD_DIMS = frozenset(range(8, 129, 8))
 
 
 # ------------------------------------------------------------------------------------------- backend choice
@@ -164,16 +165,26 @@ def _eager_ok(q: Tensor) -> bool:
 
 
 def _run(q, k, v, cu_seqlens, max_seqlen, scale) -> Tensor:
-    if _eager_ok(q):
+    if _eager_ok(q) and q.shape[0] > 0:
+        cls = shape_class(q.shape[0], cu_seqlens.shape[0] - 1, max_seqlen)
+        name, fn = choose(OP, q.device, q.dtype, q.shape[-1], cls)
+        if name == "torch" and q.device.type == "cpu":  # SDPA itself, with its C++ autograd
+            return varlen_attention_torch.composite_cpu(q, k, v, cu_seqlens, max_seqlen, scale)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Eager.apply(q, k, v, cu_seqlens, max_seqlen, scale)
-        return _impl(OP, q, cu_seqlens, max_seqlen)(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+        return fn(q, k, v, cu_seqlens, max_seqlen, scale)[0]
     return _varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)[0]
 
 
 # -------------------------------------------------------------------------------------------------- checks
 def check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
-    """Shapes, dtypes and devices only: O(1) Python, no tensor ops, no sync."""
+    """Shapes, dtypes and devices only: O(1) Python, no tensor ops, no sync. One combined test for the usual case;
+    the per-argument messages only when it fails."""
+    if (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dtype in _FLOATS
+            and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == ndim
+            and tuple.__eq__(k.shape, q.shape) and tuple.__eq__(v.shape, q.shape)
+            and k.device == q.device and v.device == q.device and q.shape[-1] in _HEAD_DIMS):
+        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             fail(op, name, f"must be a tensor, got {type(t).__name__}", TypeError)
