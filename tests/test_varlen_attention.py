@@ -374,3 +374,34 @@ def test_torch_compile_fullgraph(backend, compiler):
     torch.testing.assert_close(y, y_eager)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)
+
+
+@NEEDS_TRITON
+def test_autotuned_pick_is_reused(monkeypatch):
+    """On a GPU the autotuner runs once per key; later launches go straight to its pick (no per-call key lookup).
+    Checked with stub kernels that record how they were launched (no GPU needed)."""
+    import triton
+
+    from maskdm_kernels.ops import varlen_attention_triton as vt
+
+    calls = []
+
+    class Stub:
+        def __init__(self, kind):
+            self.kind = kind
+            self.best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=3)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.kind, kw))
+
+    monkeypatch.setattr(vt, "triton_interpret", lambda: False)
+    monkeypatch.delenv("MASKDM_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(vt, "_PLAIN", {name: Stub("plain") for name in vt._KERNELS})
+    monkeypatch.setattr(vt, "_TUNED", {key: Stub("tuned") for key in vt._TUNED})
+    monkeypatch.setattr(vt, "_BEST", {})
+    q = torch.randn(10, 2, 64)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    for _ in range(3):
+        vt.varlen_attention_fwd(q, q, q, cu, 5, 0.125)
+    assert [c[0] for c in calls] == ["tuned", "plain", "plain"]
+    assert calls[1][1]["BLOCK_M"] == 64 and calls[1][1]["num_warps"] == 8 and calls[1][1]["num_stages"] == 3

@@ -28,7 +28,7 @@ dQ accumulated in an fp32 scratch only that program touches, rowsum(dO * O) comp
 ones keep full parallelism with a dK/dV kernel (4 products) and a dQ kernel (3).
 
 Configs: on a GPU the block sizes are autotuned from per-head-dim sets (separate for the forward, dK/dV, dQ and the
-fused backward); under ``TRITON_INTERPRET=1`` ``INTERPRET_CONFIG`` runs, and with ``MASKDM_TRITON_AUTOTUNE=0``
+fused backward), once per key, then launched straight from the pick; under ``TRITON_INTERPRET=1`` ``INTERPRET_CONFIG`` runs, and with ``MASKDM_TRITON_AUTOTUNE=0``
 ``GPU_FIXED_CONFIG``. No tensor-memory-accelerator descriptors: a varlen tile's bounds are per sequence (one
 descriptor per sequence or a 3-D trick), the descriptor API changed across Triton 3.6-3.9 and needs an allocator,
 and the interpreter cannot check it; the loads are plain masked loads that Triton pipelines with cp.async.
@@ -492,13 +492,29 @@ _TUNED = {(name, d): triton.autotune(cfgs, key=_KEY)(_PLAIN[name]) for name, by_
           for d, cfgs in by_d.items()}
 
 
-def _pick(name: str, head_dim: int):
-    """(kernel, fixed meta-parameters): the fixed interpreter configuration, or the autotuner on a GPU."""
+_BEST: dict[tuple, dict] = {}  # (kernel, head dim, bucket, uniform, dtype) -> the autotuner's pick, as launch kwargs
+
+
+def _launch(name: str, grid, args: tuple, plan: _Plan, dtype: torch.dtype) -> None:
+    """Launch kernel ``name``: the fixed interpreter / MASKDM_TRITON_AUTOTUNE=0 configuration, else the autotuner
+    once per key and then its pick directly (the autotuner's own per-call key lookup skipped on the host path)."""
+    kw = plan.meta
     if triton_interpret():
-        return _PLAIN[name], dict(INTERPRET_CONFIG)
+        _PLAIN[name][grid](*args, **kw, **INTERPRET_CONFIG)
+        return
     if os.environ.get("MASKDM_TRITON_AUTOTUNE", "1") == "0":
-        return _PLAIN[name], dict(GPU_FIXED_CONFIG)
-    return _TUNED[(name, 64 if head_dim <= 64 else 128)], {}
+        _PLAIN[name][grid](*args, **kw, **GPU_FIXED_CONFIG)
+        return
+    key = (name, kw["HEAD_DIM"], plan.bucket, plan.uniform, dtype)
+    best = _BEST.get(key)
+    if best is not None:
+        _PLAIN[name][grid](*args, **kw, **best)
+        return
+    tuned = _TUNED[(name, 64 if kw["HEAD_DIM"] <= 64 else 128)]
+    tuned[grid](*args, **kw)
+    cfg = getattr(tuned, "best_config", None)
+    if cfg is not None:
+        _BEST[key] = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _on(device: torch.device):
@@ -545,11 +561,10 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, ma
     if T == 0 or cu_seqlens.shape[0] < 2:
         return out, lse
     plan = _Plan(q, cu_seqlens, max_seqlen, softmax_scale)
-    kernel, fixed = _pick("fwd", q.shape[-1])
     with _on(q.device):
-        kernel[plan.grid("BLOCK_M")](
+        _launch("fwd", plan.grid("BLOCK_M"), (
             q, k, v, out, lse, plan.cu, plan.sched, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            lse.stride(0), *plan.scalars(), plan.qk_scale, plan.bucket, **plan.meta, **fixed)
+            lse.stride(0), *plan.scalars(), plan.qk_scale, plan.bucket), plan, q.dtype)
     return out, lse
 
 
@@ -567,23 +582,19 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     with _on(q.device):
         if max_seqlen <= FUSED_BWD_MAX_SEQLEN:
             dq_acc = torch.empty((H, T, plan.meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
-            kernel, fixed = _pick("fused", D)
-            kernel[(plan.B * H,)](
+            _launch("fused", (plan.B * H,), (
                 q, k, v, out, dout, lse, delta, dq_acc, dq, dk, dv, plan.cu, plan.sched, *strides, *out.stride(),
                 *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), lse.stride(0), *plan.scalars(),
-                plan.qk_scale, softmax_scale, plan.bucket, **plan.meta, **fixed)
+                plan.qk_scale, softmax_scale, plan.bucket), plan, q.dtype)
             return dq, dk, dv
         block_t = max(1, min(128, 4096 // plan.meta["BLOCK_D"]))
         _bwd_preprocess_kernel[(triton.cdiv(T, block_t), H)](
             out, dout, delta, T, *out.stride(), *dout.stride(), delta.stride(0),
             HEAD_DIM=D, BLOCK_D=plan.meta["BLOCK_D"], BLOCK_T=block_t)
-        kernel, fixed = _pick("dkdv", D)
-        kernel[plan.grid("BLOCK_N")](
+        _launch("dkdv", plan.grid("BLOCK_N"), (
             q, k, v, dout, lse, delta, dk, dv, plan.cu, plan.sched, *strides, *dout.stride(), *dk.stride(),
-            *dv.stride(), lse.stride(0), *plan.scalars(), plan.qk_scale, softmax_scale, plan.bucket, **plan.meta,
-            **fixed)
-        kernel, fixed = _pick("dq", D)
-        kernel[plan.grid("BLOCK_M")](
+            *dv.stride(), lse.stride(0), *plan.scalars(), plan.qk_scale, softmax_scale, plan.bucket), plan, q.dtype)
+        _launch("dq", plan.grid("BLOCK_M"), (
             q, k, v, dout, lse, delta, dq, plan.cu, plan.sched, *strides, *dout.stride(), *dq.stride(),
-            lse.stride(0), *plan.scalars(), plan.qk_scale, softmax_scale, plan.bucket, **plan.meta, **fixed)
+            lse.stride(0), *plan.scalars(), plan.qk_scale, softmax_scale, plan.bucket), plan, q.dtype)
     return dq, dk, dv
