@@ -463,7 +463,7 @@ def _configs(pairs) -> list:
 # and the Triton tutorial use there; kernel time unmeasured (no GPU in the session that wrote them). Per kernel and
 # head-dim class (Dh <= 64, Dh <= 128): (BLOCK_M, BLOCK_N, warps, stages). Every one compiles for sm_90a in bf16
 # with tensor-core products and no ptxas spills (tests/test_attention_sm90.py --all, triton 3.8); candidates that
-# spilled there were dropped (dK/dV 64x128x8w3s, 128x128; dQ 128x64; fused 128x64, Dh 128 64x64). The autotuner
+# spilled there were dropped (dK/dV 64x128x8w3s, 128x128; dQ 128x64, 128x128; fused 128x64, Dh 128 64x64). The autotuner
 # times each on the first call per (head dim, dtype, max_seqlen bucket, uniform) and drops those that exceed
 # shared memory.
 CONFIGS = {
@@ -473,7 +473,7 @@ CONFIGS = {
     "dkdv": {64: _configs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 3), (64, 64, 8, 3),
                            (32, 64, 4, 4)]),
              128: _configs([(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 128, 8, 2)])},
-    "dq": {64: _configs([(64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (64, 32, 4, 4), (128, 128, 8, 2)]),
+    "dq": {64: _configs([(64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (64, 32, 4, 4)]),
            128: _configs([(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)])},
     "fused": {64: _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3),
                             (64, 32, 4, 3)]),
