@@ -28,7 +28,8 @@ dQ accumulated in an fp32 scratch only that program touches, rowsum(dO * O) comp
 ones keep full parallelism with a dK/dV kernel (4 products) and a dQ kernel (3).
 
 Configs: on a GPU the block sizes are autotuned from per-head-dim sets (separate for the forward, dK/dV, dQ and the
-fused backward), once per key, then launched straight from the pick; under ``TRITON_INTERPRET=1`` ``INTERPRET_CONFIG`` runs, and with ``MASKDM_TRITON_AUTOTUNE=0``
+fused backward), once per key, then launched straight from the pick; under ``TRITON_INTERPRET=1``
+``INTERPRET_CONFIG`` runs, and with ``MASKDM_TRITON_AUTOTUNE=0``
 ``GPU_FIXED_CONFIG``. No tensor-memory-accelerator descriptors: a varlen tile's bounds are per sequence (one
 descriptor per sequence or a 3-D trick), the descriptor API changed across Triton 3.6-3.9 and needs an allocator,
 and the interpreter cannot check it; the loads are plain masked loads that Triton pipelines with cp.async.
@@ -463,9 +464,9 @@ def _configs(pairs) -> list:
 # and the Triton tutorial use there; kernel time unmeasured (no GPU in the session that wrote them). Per kernel and
 # head-dim class (Dh <= 64, Dh <= 128): (BLOCK_M, BLOCK_N, warps, stages). Every one compiles for sm_90a in bf16
 # with tensor-core products and no ptxas spills (tests/test_attention_sm90.py --all, triton 3.8); candidates that
-# spilled there were dropped (dK/dV 64x128x8w3s, 128x128; dQ 128x64, 128x128; fused 128x64, Dh 128 64x64). The autotuner
-# times each on the first call per (head dim, dtype, max_seqlen bucket, uniform) and drops those that exceed
-# shared memory.
+# spilled there were dropped (dK/dV 64x128x8w3s, 128x128; dQ 128x64, 128x128; fused 128x64, Dh 128 64x64). The
+# autotuner times each on the first call per (head dim, dtype, max_seqlen bucket, uniform) and drops those that
+# exceed shared memory.
 CONFIGS = {
     "fwd": {64: _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3),
                           (64, 32, 4, 3)]),
