@@ -57,7 +57,7 @@ from einops import rearrange
 from maskdm import GaussianDiffusion, create_model, masking
 from maskdm.ema import EMA
 from maskdm.model import timestep_embedding
-from maskdm.step import Denoiser, TrainStep, resolve_compile
+from maskdm.step import CAPACITY_SLACK, Denoiser, TrainStep, resolve_compile
 
 from .summarize import matmul_tflops
 
@@ -310,7 +310,7 @@ def test_train_step(benchmark, batch, ratio, provider):
         graph = provider == "maskdm_graph"
         cap = None  # varlen: the static-capacity layout whenever shapes must stay fixed, as `maskdm train` does
         if ratio == "varlen" and (mode != "off" or graph):
-            cap = masking.static_capacity(batch, grid, VARLEN, BLOCK)
+            cap = masking.static_capacity(batch, grid, VARLEN, BLOCK, slack=None if graph else CAPACITY_SLACK)
         runner = TrainStep(model, Denoiser(model), diffusion, opt, ema, CLIP, CASE["dtype"] is not None,
                            compile=mode, capacity=cap, cuda_graph=graph)
 

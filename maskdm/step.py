@@ -26,8 +26,8 @@ from maskdm_kernels import Visible
 from . import masking
 from .ema import EMA
 
-__all__ = ["COMPILE_MODES", "Denoiser", "LossView", "StepResult", "TrainStep", "compile_count", "compile_forward",
-           "resolve_compile", "step_options"]
+__all__ = ["CAPACITY_SLACK", "COMPILE_MODES", "Denoiser", "LossView", "StepResult", "TrainStep", "compile_count",
+           "compile_forward", "resolve_compile", "step_options"]
 
 
 class Denoiser(nn.Module):
@@ -65,6 +65,9 @@ class StepResult(NamedTuple):
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "auto")
 _GRAPH_WARMUP = 3  # eager steps on a side stream before a capture: optimizer state, autotuning, cuBLAS workspaces
+# Static capacity of a compiled varlen stage: mean + 4 standard deviations of T (a rarer draw runs on the
+# guaranteed capacity: one more compile, logged). A captured step takes the guaranteed one: it has one shape.
+CAPACITY_SLACK = 4.0
 
 
 def resolve_compile(mode: str | bool, device, cuda_graph: bool = False) -> str:
@@ -91,7 +94,8 @@ def step_options(train_cfg, stage, batch: int, grid, device) -> dict:
     if (mode != "off" or train_cfg.cuda_graph) and isinstance(stage.mask_ratio, (tuple, list)) and \
             stage.mask in ("random", "block"):
         cap = masking.static_capacity(batch, grid, tuple(stage.mask_ratio),
-                                      stage.block_size if stage.mask == "block" else 1)
+                                      stage.block_size if stage.mask == "block" else 1,
+                                      slack=None if train_cfg.cuda_graph else CAPACITY_SLACK)
     return {"compile": mode, "capacity": cap, "cuda_graph": bool(train_cfg.cuda_graph)}
 
 
@@ -125,8 +129,9 @@ class TrainStep:
     AdamW and the EMA stay a handful of foreach launches. ``compiles`` / ``recompiles`` count the graphs Dynamo
     built during this step's calls, in all and after its first call (a per-step recompile shows up there).
 
-    ``capacity``: varlen masks are padded to it (``pad_batch``) so every step has the same shapes; the loop
-    passes one whenever the step compiles or is captured and the stage's ratio is a range.
+    ``capacity``: varlen masks are padded to it (``pad_batch``) so every step has the same shapes (a draw that
+    exceeds a slack capacity runs on ``capacity.guaranteed()``); the loop passes one whenever the step compiles
+    or is captured and the stage's ratio is a range.
 
     ``cuda_graph``: capture the whole step (loss, backward, clip, AdamW, EMA) once with ``torch.cuda.graph``
     after ``_GRAPH_WARMUP`` eager steps on a side stream, then replay it: one launch per step. The inputs are
@@ -163,7 +168,7 @@ class TrainStep:
         self._loss = self._loss_eager if compile == "off" else torch.compile(self._loss_eager, mode=compile,
                                                                             dynamic=False)
         self.compiles = self.recompiles = self._calls = 0
-        self._pad_cache: tuple[Tensor, Tensor] | None = None
+        self._pad_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._graph = None
         self._warm = 0
 
@@ -188,10 +193,12 @@ class TrainStep:
         the ``b`` samples (None: full images)."""
         weight = None
         if self.capacity is not None and vis is not None:
-            if self._pad_cache is None:
-                self._pad_cache = (x0.new_zeros(self.capacity.fillers, *x0.shape[1:]), None)
-            x0, t, noise, vis, weight = masking.pad_batch(x0, t, noise, vis, self.capacity, *self._pad_cache)
-            self._pad_cache = (self._pad_cache[0], weight)
+            cap = self.capacity if self.capacity.fits(vis) else self.capacity.guaranteed()
+            zeros, w = self._pad_cache.get(cap.tokens, (None, None))  # per capacity: the zero rows, the weights
+            if zeros is None:
+                zeros = x0.new_zeros(cap.fillers, *x0.shape[1:])
+            x0, t, noise, vis, weight = masking.pad_batch(x0, t, noise, vis, cap, zeros, w)
+            self._pad_cache[cap.tokens] = (zeros, weight)
         if self.compile == "off":
             return self._run(x0, t, noise, vis, weight, lr, ema_decay)
         before = compile_count()

@@ -50,7 +50,7 @@ def test_config_rejects_bad_compile_settings(tmp_path):
 def test_step_options_pick_a_capacity_only_when_shapes_must_stay_static(tmp_path):
     cfg, _ = tiny_config(tmp_path, "o", STAGES + ["train.compile=default"])
     opts = step_options(cfg.train, cfg.stages[0], 8, (8, 8), "cpu")
-    assert opts["compile"] == "default" and opts["capacity"] == masking.static_capacity(8, 8, (0.5, 0.9), 2)
+    assert opts["compile"] == "default" and opts["capacity"] == masking.static_capacity(8, 8, (0.5, 0.9), 2, slack=4.0)
     assert step_options(cfg.train, cfg.stages[1], 8, (8, 8), "cpu")["capacity"] is None  # full images
     cfg_off, _ = tiny_config(tmp_path, "p", STAGES + ["train.compile=off"])
     assert step_options(cfg_off.train, cfg_off.stages[0], 8, (8, 8), "cpu") == {

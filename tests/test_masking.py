@@ -181,3 +181,25 @@ def test_pad_to_capacity_rejects_a_layout_that_does_not_fit():
         masking.pad_to_capacity(masking.random_patches(4, 8, 0.25), cap)  # keeps more than the range allows
     with pytest.raises(ValueError, match="batch 5"):
         masking.pad_to_capacity(masking.random_patches(5, 8, 0.6), cap)
+
+
+def test_slack_capacity_fits_most_draws_and_the_guaranteed_one_fits_all():
+    B, grid, ratio = 16, 8, (0.25, 0.9)
+    tight = masking.static_capacity(B, grid, ratio, slack=0.0)  # the mean: about half the draws exceed it
+    full = tight.guaranteed()
+    assert full == masking.static_capacity(B, grid, ratio) and tight.tokens < full.tokens
+    assert tight.max_seqlen == full.max_seqlen and tight.fillers < full.fillers
+    g = torch.Generator().manual_seed(0)
+    fits = 0
+    for _ in range(20):
+        vis = masking.random_patches(B, grid, ratio, generator=g)
+        assert masking.pad_to_capacity(vis, full).total == full.tokens
+        if tight.fits(vis):
+            fits += 1
+            assert masking.pad_to_capacity(vis, tight).total == tight.tokens
+        else:
+            with pytest.raises(ValueError, match="cap.guaranteed"):
+                masking.pad_to_capacity(vis, tight)
+    assert 0 < fits < 20
+    slack4 = masking.static_capacity(B, grid, ratio, slack=4.0)
+    assert tight.tokens < slack4.tokens <= full.tokens

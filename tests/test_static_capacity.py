@@ -62,3 +62,35 @@ def test_filler_tokens_do_not_reach_real_outputs():
     assert padded.shape == (cap.tokens, 12)
     assert_close(padded[:vis.total], exact, 1e-5, 1e-4, "real tokens")
     assert torch.isfinite(padded).all()
+
+
+def test_train_step_on_a_slack_capacity_follows_the_exact_step():
+    """TrainStep pads each varlen batch to its capacity, and a draw over a slack capacity to the guaranteed one:
+    losses and weights of the exact-layout step over several steps (eager fp32: rounding only)."""
+    from maskdm.ema import EMA
+    from maskdm.step import Denoiser, TrainStep
+
+    cap = masking.static_capacity(6, 8, (0.25, 0.9), block_size=2, slack=0.0)  # about half the draws exceed it
+
+    def run(capacity):
+        torch.manual_seed(0)
+        model = small()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step = TrainStep(model, Denoiser(model), GaussianDiffusion(timesteps=100), opt, EMA(model), 1.0, False,
+                         capacity=capacity)
+        g = torch.Generator().manual_seed(1)  # a seed whose 6 draws fall on both sides of the capacity
+        losses, over = [], 0
+        for _ in range(6):
+            x0, noise = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1, torch.randn(6, 3, 16, 16, generator=g)
+            t = torch.randint(0, 100, (6,), generator=g)
+            vis = masking.block_patches(6, 8, (0.25, 0.9), block_size=2, generator=g)
+            over += not cap.fits(vis)
+            losses.append(step(x0, t, noise, vis, 1e-3, 0.9).loss)
+        return torch.stack(losses), list(model.parameters()), over
+
+    le, pe, _ = run(None)
+    lc, pc, over = run(cap)
+    assert 0 < over < 6  # both capacities were used
+    assert_close(lc, le, 1e-6, 1e-5, "losses")
+    for a, b in zip(pc, pe):
+        assert_close(a.detach(), b.detach(), 1e-6, 1e-4, "weights")
