@@ -178,7 +178,9 @@ def test_host_overhead(benchmark, case):
     op, chain, both = make()
     with torch.no_grad():
         got, expected = both()  # the chain computes what the op computes: the comparison is like for like
-    torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=1e-5)
+    # fp32 throughout: the patch ops match to rounding; attention kernels sum in other orders (a few ulps of O(1)).
+    tol = 1e-4 if "attention" in case else 1e-5
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
     us = interleaved_us({"op": op, "chain": chain})
     benchmark.group = "host overhead"
     benchmark.pedantic(op, rounds=ROUNDS, iterations=CALLS, warmup_rounds=1)
