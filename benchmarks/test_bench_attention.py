@@ -43,9 +43,11 @@ CASES = {
     "cpu-varlen": (("varlen", 8, 1024, 0.1, 0.5), 4),
 }
 FLEX_CASES = ("maskdm-b-90", "varlen-10-50")
-# maskdm: our dispatch (auto); maskdm-<backend>: one of our backends forced; flash: the flash-attn package's
-# flash_attn_varlen_func; torch-varlen: torch.nn.attention.varlen (what maskdm-flash calls).
-PROVIDERS = ["maskdm", "maskdm-triton", "maskdm-torch", "maskdm-flash", "sdpa", "sdpa-flash", "sdpa-efficient",
+# maskdm: our dispatch (auto); maskdm-<backend>: one of our backends forced; maskdm-triton-2kernel: the Triton
+# backward's dK/dV + dQ scheme at every length (beside maskdm-triton's fused one up to FUSED_BWD_MAX_SEQLEN, so a GPU
+# run decides the threshold); flash: the flash-attn package's flash_attn_varlen_func; torch-varlen:
+# torch.nn.attention.varlen (what maskdm-flash calls).
+PROVIDERS = ["maskdm", "maskdm-triton", "maskdm-triton-2kernel", "maskdm-torch", "maskdm-flash", "sdpa", "sdpa-flash", "sdpa-efficient",
              "sdpa-cudnn", "sdpa-math", "sdpa-padded", "flex", "flash", "xformers", "torch-varlen"]
 _SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
@@ -190,8 +192,12 @@ def _provider_fn(provider, case, uniform, lengths, cu, benchmark):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_attention(benchmark, case, mode, provider):
+def test_attention(benchmark, monkeypatch, case, mode, provider):
     uniform, lengths, cu, qkv, dout = _inputs(case)
+    if provider == "maskdm-triton-2kernel":
+        from maskdm_kernels.ops import varlen_attention_triton
+
+        monkeypatch.setattr(varlen_attention_triton, "FUSED_BWD_MAX_SEQLEN", 0)
     fn, why = _provider_fn(provider, case, uniform, lengths, cu, benchmark)
     if fn is None:
         pytest.skip(why)
