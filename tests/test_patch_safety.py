@@ -192,6 +192,12 @@ def test_constructors_refuse_bad_host_values(make, arg):
         make()
 
 
+def test_validate_names_a_false_uniform_flag():
+    vis = mk.Visible(torch.tensor(IDS, dtype=torch.int32), torch.tensor([0, 1, 4, 6], dtype=torch.int32), 3, N, True)
+    with pytest.raises(ValueError, match="uniform=True but the samples' lengths differ"):
+        vis.validate()
+
+
 def test_valid_layouts_pass_validate():
     for vis in (mk.Visible.full(2, N), mk.Visible.from_index(torch.tensor([[3, 1], [0, 15]]), N), _vis(),
                 mk.Visible.from_mask(torch.tensor([[True, False, True, False], [False, False, False, True]]))):
