@@ -2,7 +2,8 @@
 
 Checks what can be checked without a GPU: each kernel compiles for ``GPUTarget("cuda", 90, 32)`` in bf16 (the
 paper's dtype) with its first Hopper config per head-dim class, its matrix products run on the tensor cores
-(``wgmma`` or ``mma`` in the PTX) and ptxas reports no register spills. The compile runs in a subprocess without
+(``wgmma`` or ``mma`` in the PTX) and ptxas reports no register spills; the schedule (small and large batch) and
+preprocess kernels compile spill-free too. The compile runs in a subprocess without
 ``TRITON_INTERPRET`` (conftest sets it for this process, and interpreted kernels cannot be compiled).
 ``python tests/test_attention_sm90.py [--all]`` prints the table (``--all``: every config of every set).
 """
@@ -57,10 +58,16 @@ def compile_all(every_config: bool = False) -> list[dict]:
             for cfg in (configs if every_config else configs[:1]):
                 for uniform in (False, True):
                     jobs.append((name, vat._KERNELS[name], head_dim, cfg, uniform))
+    plain = triton.Config({}, num_warps=4, num_stages=1)
+    jobs += [("schedule", vat._schedule_kernel, 0, plain, {"BLOCK_B": b}) for b in (16, 4096)]
+    jobs.append(("preprocess", vat._bwd_preprocess_kernel, 64, plain, {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_T": 64}))
     rows = []
     for name, fn, head_dim, cfg, uniform in jobs:
         consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
-        consts.update(HEAD_DIM=head_dim, BLOCK_D=head_dim, UNIFORM=uniform, EVEN=False, **cfg.kwargs)
+        if isinstance(uniform, dict):  # a kernel without products: its constants as given
+            consts.update(uniform)
+        else:
+            consts.update(HEAD_DIM=head_dim, BLOCK_D=head_dim, UNIFORM=uniform, EVEN=False, **cfg.kwargs)
         sig, attrs = _signature(fn, consts)
         row = {"kernel": name, "head_dim": head_dim, "uniform": uniform, "num_warps": cfg.num_warps,
                "num_stages": cfg.num_stages, **cfg.kwargs}
@@ -113,12 +120,13 @@ def test_sm90_tensor_cores_no_spills():
                        text=True, env=env, cwd=root, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 2 * len(DOT_KERNELS)
+    assert len(rows) == 2 * 2 * len(DOT_KERNELS) + 3
     for row in rows:
         what = f"{row['kernel']} Dh {row['head_dim']} uniform={row['uniform']}"
         assert "error" not in row, f"{what}: {row.get('error')}"
         assert row["ptxas_rc"] == 0, f"{what}: ptxas failed"
-        assert row["wgmma"] + row["mma"] > 0, f"{what}: no tensor-core instruction in the PTX"
+        if row["kernel"] in DOT_KERNELS:
+            assert row["wgmma"] + row["mma"] > 0, f"{what}: no tensor-core instruction in the PTX"
         assert row["spill_bytes"] == 0, f"{what}: ptxas reports {row['spill_bytes']} bytes of spills ({row})"
 
 
