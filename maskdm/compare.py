@@ -411,15 +411,19 @@ def plot(result: dict, path: str | Path) -> Path:
                 if "start_seconds" in st:
                     ax.axvline(st["start_seconds"] / 60, color=color, ls=":", lw=1)
     b = result["budget"]
-    budget = f"{b['minutes']:g} min" if b["minutes"] is not None else f"{b['steps']} steps"
-    for ax, label in zip(axes, ("FID", "KID")):
-        ax.set_xlabel("training minutes (" + ("process CPU time" if b.get("clock") == "cpu" else "wall-clock")
-                      + ", evaluation excluded)")
+    cpu = b.get("clock") == "cpu"
+    budget = f"{b['minutes']:g} {'CPU-' if cpu else ''}min" if b["minutes"] is not None else f"{b['steps']} steps"
+    for ax, label, key in zip(axes, ("FID", "KID"), ("fid", "kid")):
+        values = [p[key] for arm in result["arms"] for p in arm["points"] if p[key] > 0]
+        ax.set_xlabel("training minutes (" + ("process CPU time" if cpu else "wall-clock") + ", evaluation excluded)")
         ax.set_ylabel(f"{label} ({result.get('protocol', {}).get('backbone', '')[:18]})")
-        ax.set_yscale("log")
+        if values and max(values) > 4 * min(values):  # log only where the values span a range
+            ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"budget {budget} per arm on {result['device'][:70]}; dotted: stage switch", fontsize=9)
+    pr = result.get("protocol", {})
+    fig.suptitle(f"budget {budget} per arm on {result['device'][:70]}; {pr.get('num_generated', '?')} samples "
+                 f"({pr.get('sampler', '')} {pr.get('steps', '')} steps) per point; dotted: stage switch", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
