@@ -157,3 +157,24 @@ def test_flash_guard(name):
     assert torch.equal(row_ok, expect)
     _, ok = _guard(torch.tensor([0, 2, 2, 7], dtype=torch.int32), 7, 5)
     assert ok.all()
+
+
+@NEEDS_TRITON
+def test_schedule_longest_first():
+    """The varlen schedule: sequences sorted longest first on the device (ties by index), cumulative block counts
+    per block size 16 / 32 / 64 / 128, and the layout flag (0 for a cu_seqlens that does not end at T)."""
+    from maskdm_kernels.ops import varlen_attention_triton as vt
+
+    lengths = [3, 0, 70, 17, 17]
+    cu = torch.tensor([0, 3, 3, 73, 90, 107], dtype=torch.int32)
+    B = len(lengths)
+    sched = torch.full((1 + B + 4 * (B + 1),), -7, dtype=torch.int32)
+    vt._schedule_kernel[(1,)](cu, sched, B, 107, BLOCK_B=16)
+    assert sched[0] == 1
+    assert sched[1:1 + B].tolist() == [2, 3, 4, 0, 1]
+    for t, block in enumerate((16, 32, 64, 128)):
+        table = sched[1 + B + t * (B + 1):1 + B + (t + 1) * (B + 1)].tolist()
+        blocks = [-(-n // block) for n in (70, 17, 17, 3, 0)]
+        assert table == [sum(blocks[:i]) for i in range(B + 1)], block
+    vt._schedule_kernel[(1,)](cu, sched, B, 106, BLOCK_B=16)
+    assert sched[0] == 0
