@@ -46,9 +46,10 @@ FLEX_CASES = ("maskdm-b-90", "varlen-10-50")
 # maskdm: our dispatch (auto); maskdm-<backend>: one of our backends forced; maskdm-triton-2kernel: the Triton
 # backward's dK/dV + dQ scheme at every length (beside maskdm-triton's fused one up to FUSED_BWD_MAX_SEQLEN, so a GPU
 # run decides the threshold); flash: the flash-attn package's flash_attn_varlen_func; torch-varlen:
-# torch.nn.attention.varlen (what maskdm-flash calls).
-PROVIDERS = ["maskdm", "maskdm-triton", "maskdm-triton-2kernel", "maskdm-torch", "maskdm-flash", "sdpa", "sdpa-flash", "sdpa-efficient",
-             "sdpa-cudnn", "sdpa-math", "sdpa-padded", "flex", "flash", "xformers", "torch-varlen"]
+# torch.nn.attention.varlen (FlashAttention-2 or cuDNN; maskdm-flash calls FlashAttention-2 through aten).
+PROVIDERS = ["maskdm", "maskdm-triton", "maskdm-triton-2kernel", "maskdm-torch", "maskdm-flash", "sdpa",
+             "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "sdpa-padded", "flex", "flash", "xformers",
+             "torch-varlen"]
 _SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 

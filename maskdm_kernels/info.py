@@ -68,14 +68,14 @@ def attention_rules() -> list[str]:
             bwd = tuple(b for b in bwd if b != "flash")
         lines.append(f"  varlen_attention {desc}: forward {' > '.join(fwd)}; backward {' > '.join(bwd)}")
     lines += [
-        "  why: torch.nn.attention.varlen (what flash calls) beat the Triton kernels of 2026-11-28 on H100 at N <= 417",
-        "       (fwd and fwd+bwd) and on the varlen backward; Triton won N >= 1025 and the varlen forward. The flash",
-        ("       backward is not deterministic: skipped while torch.are_deterministic_algorithms_enabled() "
-        f"(now {det})."),
-        (f"  Triton backward: one fused program per (sequence, head) up to max_seqlen {vt.FUSED_BWD_MAX_SEQLEN}, else"
-        " dK/dV + dQ kernels; both deterministic."),
-        ("  The Triton kernels changed since that run (5-product backward, one-loop forward, longest-first grid):"
-        " unmeasured on a GPU; the GPU suite's attention phase re-decides these orders."),
+        "  why: torch.nn.attention.varlen (FlashAttention-2, or cuDNN) beat the Triton kernels of 2026-11-28 on H100",
+        "       at N <= 417 (fwd and fwd+bwd) and on the varlen backward; Triton won N >= 1025 and the varlen",
+        "       forward. The flash backward is not deterministic: skipped while",
+        f"       torch.are_deterministic_algorithms_enabled() (now {det}).",
+        f"  Triton backward: one fused program per (sequence, head) up to max_seqlen {vt.FUSED_BWD_MAX_SEQLEN},",
+        "       else dK/dV + dQ kernels; both deterministic.",
+        "  The Triton kernels changed since that run (5-product backward, one-loop forward, longest-first grid):",
+        "       unmeasured on a GPU; the GPU suite's attention phase re-decides these orders.",
     ]
     return lines
 

@@ -30,7 +30,8 @@ _HEAD_DIMS = frozenset(range(8, 129, 8))
 
 # ------------------------------------------------------------------------------------------- backend choice
 # `auto` on CUDA tensors, per (op, shape class). Evidence: benchmarks/results/2026-11-28-nvidia-h100-80gb-hbm3.md
-# (H100, bf16, Dh 64, device time), `torch-varlen` being what the flash backend calls, against the Triton kernels of
+# (H100, bf16, Dh 64, device time), `torch-varlen` (FlashAttention-2, or cuDNN where its version allows; the flash
+# backend calls FlashAttention-2 itself, `maskdm-flash` in the benchmark), against the Triton kernels of
 # that date: uniform N <= 417 (maskdm-b-90, uvit-s-90) fwd 0.21 / 0.08 ms vs Triton 0.44 / 0.29, fwd+bwd 1.02 /
 # 1.12 vs 1.50 / 1.64; uniform N >= 1025 Triton ahead (fwd+bwd 4.15 vs 5.59 at N 4097, 2.32 vs 3.22 at N 2049);
 # varlen 10-50% of 4096: fwd Triton 0.21 vs 0.28, fwd+bwd 1.59 vs 1.15 (so flash's backward is the faster half).

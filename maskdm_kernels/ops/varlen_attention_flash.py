@@ -1,11 +1,12 @@
-"""The ``flash`` backend of varlen_attention: PyTorch's own varlen FlashAttention-2 (or cuDNN) kernels.
+"""The ``flash`` backend of varlen_attention: PyTorch's own varlen FlashAttention-2 kernels.
 
-Calls the ops behind ``torch.nn.attention.varlen.varlen_attn`` (``torch.ops.torch_attn._varlen_attn`` and its
-backward: FlashAttention-2, or cuDNN on Hopper / Blackwell with cuDNN >= 9.18, as PyTorch picks), else the aten
-``_flash_attention_forward`` / ``_flash_attention_backward`` ops directly. Both save ``lse (H, T)`` float32 in the
-natural log, as the other backends do, so the forward and backward may run on different backends. CUDA, fp16 and
-bf16, sm80+ only; the backward accumulates dQ with atomics, so it is not deterministic. Bad ``cu_seqlens`` /
-``max_seqlen`` values are made safe on the device (``_guard``: ~8 small ops per call, no sync).
+Calls aten ``_flash_attention_forward`` / ``_flash_attention_backward`` (what ``torch.nn.attention.varlen`` calls
+off Hopper), whose varlen ``lse`` is ``(H, T)`` float32 in the natural log (torch's meta registration says so), as
+the other backends save: so the forward and backward may run on different backends. Not the ops behind
+``varlen_attn`` themselves: on Hopper with cuDNN >= 9.18 those switch to cuDNN, whose statistics layout is not
+documented. Falls back to those ops on a torch without the aten ones. CUDA, fp16 and bf16, sm80+ only; the backward
+accumulates dQ with atomics, so it is not deterministic. Bad ``cu_seqlens`` / ``max_seqlen`` values are made safe on
+the device (``_guard``: ~8 small ops per call, no sync).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _capability(index: int) -> tuple[int, int]:
 def flash_reasons(device: torch.device | None = None, dtype: torch.dtype | None = None, head_dim: int | None = None,
                   **_) -> list[str]:
     reasons = []
-    if _varlen_ops() is None and not _has_aten_flash():
+    if not _has_aten_flash() and _varlen_ops() is None:
         reasons.append(f"torch {torch.__version__} has neither torch.nn.attention.varlen nor aten flash ops")
     if not torch.backends.cuda.is_flash_attention_available():
         reasons.append("this torch build has no FlashAttention kernels")
@@ -82,26 +83,24 @@ def flash_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     """``out (T, H, Dh)``, ``lse (H, T)`` float32. The kernels need a unit head-dim stride (qkv views have it)."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cu, row_ok = _guard(cu_seqlens, q.shape[0], max_seqlen)
-    ops = _varlen_ops()
-    if ops is not None:
-        out, lse, _ = ops[0](q, k, v, cu, cu, max_seqlen, max_seqlen, False, softmax_scale)
-    else:
+    if _has_aten_flash():
         out, lse = torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False, False, scale=softmax_scale)[:2]
+    else:
+        out, lse, _ = _varlen_ops()[0](q, k, v, cu, cu, max_seqlen, max_seqlen, False, softmax_scale)
     return _nan_rows(out, row_ok), torch.where(row_ok[None, :], lse.float(), float("nan")).contiguous()
 
 
 def flash_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale):
     dout, q, k, v, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (dout, q, k, v, out))
     cu, row_ok = _guard(cu_seqlens, q.shape[0], max_seqlen)
-    ops = _varlen_ops()
-    if ops is not None:
-        grads = ops[1](dout, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, False, _rng_state(q), softmax_scale)
-    else:
-        unused = torch.empty(0, device=q.device)
+    if _has_aten_flash():
         grads = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, 0.0, False, _rng_state(q), unused,
-            scale=softmax_scale)
+            dout, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, 0.0, False, _rng_state(q),
+            torch.empty(0, device=q.device), scale=softmax_scale)
+    else:
+        grads = _varlen_ops()[1](dout, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, False, _rng_state(q),
+                                 softmax_scale)
     return tuple(_nan_rows(g, row_ok) for g in grads)
 
 
