@@ -143,6 +143,24 @@ def test_flash_backend_matches_reference(lengths):
         _compare("flash", lengths, 2, 64, dtype, "cuda")
 
 
+def test_flash_backend_calls_under_fake_cuda_tensors():
+    """No GPU needed: under FakeTensorMode the aten flash ops run their meta kernels, which checks the flash
+    backend's argument plumbing against this torch and the (H, T) float32 lse it hands the other backends."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from maskdm_kernels.ops import varlen_attention_flash as vf
+
+    if not vf._has_aten_flash():
+        pytest.skip("this torch has no aten flash ops")
+    with FakeTensorMode():
+        q = torch.empty(100, 12, 64, dtype=torch.bfloat16, device="cuda")
+        cu = torch.empty(5, dtype=torch.int32, device="cuda")
+        out, lse = vf.flash_forward(q, q, q, cu, 40, 0.125)
+        grads = vf.flash_backward(q, q, q, q, out, lse, cu, 40, 0.125)
+    assert out.shape == q.shape and lse.shape == (12, 100) and lse.dtype == torch.float32
+    assert all(g.shape == q.shape and g.dtype == q.dtype for g in grads)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse(backend):
     """The forward op's second output is the natural-log log-sum-exp of each row's scaled scores, (H, T) fp32."""
