@@ -2,11 +2,12 @@
 
 Backends: ``triton`` (varlen_attention_triton.py: flash-style forward, deterministic backward), ``torch``
 (varlen_attention_torch.py: PyTorch's fused attention over views or a padded batch) and ``flash``
-(varlen_attention_flash.py: PyTorch's FlashAttention-2 / cuDNN varlen kernels, CUDA only, backward not
-deterministic). The op ``maskdm::varlen_attention`` returns ``(out (T, H, Dh), lse (H, T) float32)`` on every
-backend, ``lse`` being the natural-log log-sum-exp of each query row's scaled scores;
-``maskdm::varlen_attention_backward`` takes both back and returns ``dq, dk, dv``. Every backend saves the same
-pair, so the backward may run on another backend than the forward (``auto`` uses that: see ``choose``).
+(varlen_attention_flash.py: PyTorch's FlashAttention-2 varlen kernels, CUDA only, backward not deterministic).
+The op ``maskdm::varlen_attention`` returns ``(out (T, H, Dh), lse (H, T) float32)`` on every backend, ``lse``
+being the natural-log log-sum-exp of each query row's scaled scores; ``maskdm::varlen_attention_backward`` takes
+both back and returns ``dq, dk, dv``. Every backend saves the same pair, so the backward may run on another backend
+than the forward (``auto`` uses that: see ``choose``). Eager calls bypass the custom-op layer for host time
+(``_run``): the same backends, bit-identical results; compile, export and fake tensors see the custom op.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The ``torch`` backend of varlen_attention: PyTorch's fused attention kernels over views or a padded batch.
 
 CPU: the flash CPU kernel on free ``(batch, H, L, Dh)`` views (one call for a uniform batch, one per sequence
-otherwise); ``cu_seqlens`` is on the host there, so bad values raise a named error. CUDA: the memory-efficient SDPA
+otherwise; eager calls go through ``F.scaled_dot_product_attention`` itself, ``composite_cpu``); ``cu_seqlens`` is
+on the host there, so bad values raise a named error. CUDA: the memory-efficient SDPA
 kernel over a zero-padded batch with a key-padding bias; the padding index is built with ``searchsorted``, safe for
 any ``cu_seqlens`` values, and rows of an invalid layout come out NaN (no sync). Float64: explicit math.
 Both return ``(out (T, H, Dh), lse (H, T) float32)`` like the Triton backend, so either backward takes either's
