@@ -72,6 +72,8 @@ def attention_rules() -> list[str]:
         "       at N <= 417 (fwd and fwd+bwd) and on the varlen backward; Triton won N >= 1025 and the varlen",
         "       forward. The flash backward is not deterministic: skipped while",
         f"       torch.are_deterministic_algorithms_enabled() (now {det}).",
+        ("  flash leads only once its own code has passed the GPU tests (va.FLASH_VERIFIED_ON_GPU = "
+         f"{va.FLASH_VERIFIED_ON_GPU}); until then Triton leads every class and flash is second."),
         f"  Triton backward: one fused program per (sequence, head) up to max_seqlen {vt.FUSED_BWD_MAX_SEQLEN},",
         "       else dK/dV + dQ kernels; both deterministic.",
         "  The Triton kernels changed since that run (5-product backward, one-loop forward, longest-first grid):",
