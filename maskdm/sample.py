@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import find_checkpoint, load_config_dict, load_weights
+from .checkpoint import find_checkpoint, load_config_dict, load_into, load_weights
 from .config import Config, config_from_dict
 from .diffusion import GaussianDiffusion
 from .model import MaskedViT, create_model
@@ -40,7 +40,7 @@ def load_for_sampling(ckpt: str | Path, which: str = "ema",
     path = find_checkpoint(ckpt)
     cfg = config_from_dict(load_config_dict(path))
     model = build_model(cfg, data_channels(cfg))
-    model.load_state_dict(load_weights(path, which))
+    load_into(model, load_weights(path, which), path)  # a mismatch is one line naming the checkpoint
     model.to(device).eval()
     return compile_forward(model, resolve_compile(cfg.train.compile, device)), make_diffusion(cfg), cfg
 

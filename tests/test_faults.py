@@ -3,6 +3,7 @@ and a non-zero exit (2: the input, 3: a diverged run); --debug shows the traceba
 that is not a run folder, and a second run cannot use a folder in use."""
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -180,3 +181,16 @@ def test_missing_and_corrupt_config_files(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe\x00garbage")
     assert main(["train", "--config", str(bad)]) == 2
     assert f"{bad}: not valid YAML" in one_line(capsys)
+
+
+def test_sample_from_a_checkpoint_whose_weights_do_not_fit_its_config(cfg_path, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert run(cfg_path, out, "stages.pretrain.steps=1", "stages.finetune.steps=0") == 0
+    capsys.readouterr()
+    ck = C.find_checkpoint(out)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["model"]["embed_dim"] = 48
+    (ck / "config.json").write_text(json.dumps(cfg))
+    assert main(["sample", "--ckpt", str(out), "--num", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]) == 2
+    err = one_line(capsys)
+    assert "does not fit this model" in err and str(ck) in err
