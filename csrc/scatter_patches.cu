@@ -33,13 +33,18 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const ScatterArgs<sca
   // every image (block 0). The output is contiguous: image b is [b * so.b, (b + 1) * so.b).
   const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
   const int64_t image = a.so.b;
-  for (int tl = 0; tl < ntok; ++tl) {
-    if (cache.ok[tl]) continue;
-    scalar_t* img = a.out + static_cast<int64_t>(cache.pos[tl].b) * image;
-    for (int64_t e = threadIdx.x; e < image; e += blockDim.x) img[e] = nan;
+  if (!layout_ok) {  // no token was written anywhere
+    if (blockIdx.x == 0) {
+      for (int64_t e = threadIdx.x; e < a.batch * image; e += blockDim.x) a.out[e] = nan;
+    }
+    return;
   }
-  if (!layout_ok && blockIdx.x == 0) {
-    for (int64_t e = threadIdx.x; e < a.batch * image; e += blockDim.x) a.out[e] = nan;
+  int32_t done = -1;  // tokens are sample-major: one pass per sample with a bad token
+  for (int tl = 0; tl < ntok; ++tl) {
+    if (cache.ok[tl] || cache.pos[tl].b == done) continue;
+    done = cache.pos[tl].b;
+    scalar_t* img = a.out + static_cast<int64_t>(done) * image;
+    for (int64_t e = threadIdx.x; e < image; e += blockDim.x) img[e] = nan;
   }
 }
 
