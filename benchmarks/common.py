@@ -93,7 +93,8 @@ def record(benchmark, fn=None, *, graph: bool = True, bytes_moved: float | None 
     the call is host-bound. Pass ``graph=False`` for providers that sync the host (they cannot be captured).
     pytest-benchmark's own median (a host clock around call + sync) is kept beside them. On CPU the time is
     pytest-benchmark's median."""
-    med = benchmark.stats.stats.median
+    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable (a smoke run: nothing was timed)
+    med = stats.stats.median if stats is not None else None
     graph_s = None
     if ON_GPU and fn is not None:
         raw = getattr(fn, "raw", fn)
@@ -104,6 +105,8 @@ def record(benchmark, fn=None, *, graph: bool = True, bytes_moved: float | None 
             benchmark.extra_info["graph_median_ms"] = None if graph_s is None else round(graph_s * 1e3, 5)
     benchmark.extra_info.update(extra)
     benchmark.extra_info["device"] = torch.cuda.get_device_name(0) if ON_GPU else "cpu"
+    if med is None:
+        return
     if bytes_moved is not None:
         benchmark.extra_info["bytes"] = int(bytes_moved)
         benchmark.extra_info["GB/s"] = round(bytes_moved / med / 1e9, 2)
