@@ -154,8 +154,10 @@ def cmd_train(args) -> int:
     summary["total_seconds"] = round(time.time() - t0, 1)
     summary["train_seconds"] = round(summary["total_seconds"] - summary.get("eval_seconds", 0.0), 1)
     Path(cfg.train.out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[train] {summary['step']} steps in {summary['train_seconds']:.0f}s"
-          + (f", evaluation {summary['eval_seconds']:.0f}s" if "eval_seconds" in summary else ""))
+    cut = summary.get("stages_cut_by_time") or {}
+    print(f"[train] {summary['optimizer_steps_this_run']} optimizer steps in {summary['train_seconds']:.0f}s"
+          + (f", evaluation {summary['eval_seconds']:.0f}s" if "eval_seconds" in summary else "")
+          + (f"; stages cut by time: {', '.join(f'{k} after {v} steps' for k, v in cut.items())}" if cut else ""))
     print("[done] outputs:")
     for k, label in (("final_grid", "sample grid"), ("eval_json", "FID/KID results"), ("loss_curve", "loss curve"),
                      ("metrics", "training metrics"), ("checkpoint", "checkpoint")):

@@ -38,6 +38,15 @@ def test_train_masked_then_finetune_samples_and_evaluates(trained, capsys):
         assert f.is_file(), f
 
 
+def test_train_reports_the_steps_it_ran_when_a_stage_is_cut(tmp_path, capsys):
+    _, cfg_path = tiny_config(tmp_path, "cut")
+    assert main(["train", "--config", str(cfg_path), "stages.pretrain.max_minutes=1e-6", "train.ckpt_every=0"]) == 0
+    last = [ln for ln in capsys.readouterr().out.splitlines() if " optimizer steps in " in ln]
+    # 1 pretrain step (cut by its cap) + 4 finetune steps ran; the step counter itself ends at 9
+    assert len(last) == 1 and last[0].startswith("[train] 5 optimizer steps in ")
+    assert last[0].endswith("stages cut by time: pretrain after 1 steps")
+
+
 def test_sample_command(trained):
     from PIL import Image
 
