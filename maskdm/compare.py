@@ -398,6 +398,8 @@ def plot(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .metrics import save_figure
+
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     for j, arm in enumerate(result["arms"]):
@@ -424,12 +426,7 @@ def plot(result: dict, path: str | Path) -> Path:
     pr = result.get("protocol", {})
     fig.suptitle(f"budget {budget} per arm on {result['device'][:70]}; {pr.get('num_generated', '?')} samples "
                  f"({pr.get('sampler', '')} {pr.get('steps', '')} steps) per point; dotted: stage switch", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -118,12 +118,20 @@ def plot_loss(metrics_path: Path, out_png: Path, boundaries: list[tuple[int, str
     ax.set_ylabel("loss (visible patches)")
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, save and close a matplotlib figure; written under a temporary name and renamed, so a reader (or a
+    crash mid-write) never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    os.replace(tmp, path)
+    return path
 
 
 def check_tensorboard(enabled: bool) -> None:
