@@ -32,6 +32,12 @@ def run(cfg_path, out, *extra):
     return main(["train", "--config", str(cfg_path), f"train.out_dir={out}", *extra])
 
 
+def one_step_run(cfg_path, out, capsys):
+    """A run folder with one checkpoint (one optimizer step); its output is discarded."""
+    assert run(cfg_path, out, "stages.pretrain.steps=1", "stages.finetune.steps=0") == 0
+    capsys.readouterr()
+
+
 def test_overwrite_never_empties_the_working_directory(cfg_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("keep me")
@@ -123,8 +129,7 @@ def test_unwritable_or_misplaced_out_dir(cfg_path, tmp_path, monkeypatch, capsys
 
 def test_shape_mismatched_checkpoints(cfg_path, tmp_path, capsys):
     out = tmp_path / "small"
-    assert run(cfg_path, out, "stages.pretrain.steps=1", "stages.finetune.steps=0") == 0
-    capsys.readouterr()
+    one_step_run(cfg_path, out, capsys)
     assert run(cfg_path, out, "stages.pretrain.steps=1", "stages.finetune.steps=0", "model.embed_dim=48",
                "--resume") == 2
     err = one_line(capsys)
@@ -135,8 +140,7 @@ def test_shape_mismatched_checkpoints(cfg_path, tmp_path, capsys):
 
 def test_corrupt_checkpoint_for_sample_and_resume(cfg_path, tmp_path, capsys):
     out = tmp_path / "c"
-    assert run(cfg_path, out, "stages.pretrain.steps=1", "stages.finetune.steps=0") == 0
-    capsys.readouterr()
+    one_step_run(cfg_path, out, capsys)
     ck = C.find_checkpoint(out)
     f = ck / "ema.safetensors"
     f.write_bytes(f.read_bytes()[:-4] + b"\xff\xff\xff\x7f")  # flipped data bytes: a NaN weight, same size
@@ -185,8 +189,7 @@ def test_missing_and_corrupt_config_files(tmp_path, capsys):
 
 def test_sample_from_a_checkpoint_whose_weights_do_not_fit_its_config(cfg_path, tmp_path, capsys):
     out = tmp_path / "s"
-    assert run(cfg_path, out, "stages.pretrain.steps=1", "stages.finetune.steps=0") == 0
-    capsys.readouterr()
+    one_step_run(cfg_path, out, capsys)
     ck = C.find_checkpoint(out)
     cfg = json.loads((ck / "config.json").read_text())
     cfg["model"]["embed_dim"] = 48
