@@ -16,6 +16,7 @@ import functools
 import torch
 
 from ..dispatch import register
+from ..layout import sample_index
 
 OP = "varlen_attention"
 OP_BWD = "varlen_attention_backward"
@@ -63,10 +64,8 @@ def _guard(cu_seqlens, total: int, max_seqlen: int):
     value past T reads out of bounds) and leave the rows of a sequence longer than max_seqlen unwritten, so they get
     ``cummax(clamp(cu, 0, T))`` (monotone, within [0, T]) and every row of a bad layout is set to NaN after."""
     cu = cu_seqlens.clamp(0, total).cummax(0).values
-    B = cu.shape[0] - 1
     lengths = cu[1:] - cu[:-1]
-    seg = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device, dtype=cu.dtype), right=True).clamp_(
-        max=B - 1)
+    seg = sample_index(cu, total)
     layout_ok = (cu == cu_seqlens).all() & (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total)
     return cu, (lengths <= max_seqlen)[seg] & layout_ok
 

@@ -3,7 +3,7 @@
 CPU: the flash CPU kernel on free ``(batch, H, L, Dh)`` views (one call for a uniform batch, one per sequence
 otherwise; eager calls go through ``F.scaled_dot_product_attention`` itself, ``composite_cpu``); ``cu_seqlens`` is
 on the host there, so bad values raise a named error. CUDA: the memory-efficient SDPA
-kernel over a zero-padded batch with a key-padding bias; the padding index is built with ``searchsorted``, safe for
+kernel over a zero-padded batch with a key-padding bias; the padding index is ``layout.sample_index``, safe for
 any ``cu_seqlens`` values, and rows of an invalid layout come out NaN (no sync). Float64: explicit math.
 Both return ``(out (T, H, Dh), lse (H, T) float32)`` like the Triton backend, so either backward takes either's
 saved forward.
@@ -164,10 +164,7 @@ class _Batched:
         lengths = cu[1:] - cu[:-1]
         if dev.type == "cpu":
             check_cu_seqlens_host(cu_seqlens.tolist(), total, max_seqlen)
-            seg = sample_index(cu_seqlens, total)
-        else:  # any values: searchsorted stays in [0, B]; then clamp and flag
-            seg = torch.searchsorted(cu_seqlens[1:].contiguous(), t.to(cu_seqlens.dtype), right=True).clamp_(
-                max=self.B - 1)
+        seg = sample_index(cu_seqlens, total)  # in [0, B) for any values; bad rows are flagged below
         pos = t - cu[seg]
         layout_ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all()
         self.row_ok = (pos >= 0) & (pos < lengths[seg]) & (lengths[seg] <= max_seqlen) & layout_ok
