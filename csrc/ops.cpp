@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "attention_cpu.h"
+
 namespace {
 
 at::Tensor gather_patches_meta(const at::Tensor& images, const at::Tensor& ids, const at::Tensor& cu_seqlens,
@@ -71,4 +73,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("WITH_CUDA") = pybind11::bool_(false);
 #endif
+  m.def("attention_cpu", &maskdm::attention_cpu_py,
+        "The eager CPU path of attention / varlen_attention for the usual case, else None (csrc/attention_cpu.h).");
 }

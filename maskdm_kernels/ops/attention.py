@@ -1,7 +1,7 @@
 """attention: uniform-length self-attention, ``(B, N, nheads, headdim)`` in and out.
 
 Backends: ``torch`` is ``F.scaled_dot_product_attention`` on the ``(B, H, N, Dh)`` view (PyTorch picks flash /
-cuDNN / efficient); ``triton`` and ``flash`` run varlen_attention's kernels on the packed ``(B * N, H, Dh)`` view.
+cuDNN / efficient; eager CPU calls run it in C++, ``varlen_attention_torch.eager_cpu``); ``triton`` and ``flash`` run varlen_attention's kernels on the packed ``(B * N, H, Dh)`` view.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .. import dispatch
 from ..dispatch import register
-from .varlen_attention import _triton_reasons, check_qkv, varlen_attention
+from . import varlen_attention_torch
+from .varlen_attention import _triton_reasons, check_qkv, cpu_fast_path, varlen_attention
 from .varlen_attention_flash import flash_reasons
 
 OP = "attention"
@@ -27,6 +28,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = Non
     ``auto`` takes ``torch`` (SDPA) on CUDA: on an H100 it matched Triton on long sequences and was 2-4x faster on
     the short ones of masked training (numbers beside ``GPU_ORDER[OP]`` below). A NaN in a query row gives a NaN
     output row, on every backend."""
+    if cpu_fast_path(q):  # this chain in one C++ call and one autograd node (varlen_attention_torch.EAGER_CPU)
+        out = varlen_attention_torch.EAGER_CPU(q, k, v, None, None, softmax_scale)
+        if out is not None:
+            return out
     check_qkv(OP, q, k, v, 4, "(B, N, nheads, headdim)")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _IMPLS[_backend(q.device.type, q.dtype, int(q.shape[-1]))](q, k, v, scale)

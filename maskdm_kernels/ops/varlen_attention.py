@@ -171,12 +171,23 @@ def _eager_ok(q: Tensor) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def cpu_fast_path(q) -> bool:
+    """True when an eager CPU call may first try ``varlen_attention_torch.EAGER_CPU`` (the torch backend's kernels
+    in one C++ call): the torch backend requested or ``auto`` (which takes it on CPU), a plain tensor, no compile
+    trace (tested first: it short-circuits the rest when Dynamo traces this), dispatch mode or functorch
+    transform."""
+    return (not torch.compiler.is_compiling() and varlen_attention_torch.EAGER_CPU is not None
+            and type(q) is Tensor and q.is_cpu and dispatch.current_backend() in _CPU_FAST_BACKENDS
+            and _current_mode() is None and not torch._C._are_functorch_transforms_active())
+
+
+_CPU_FAST_BACKENDS = ("auto", "torch")
+
+
 def _run(q, k, v, cu_seqlens, max_seqlen, scale) -> Tensor:
     if _eager_ok(q) and q.shape[0] > 0:
         cls = shape_class(q.shape[0], cu_seqlens.shape[0] - 1, max_seqlen)
-        name, fn = choose(OP, q.device, q.dtype, q.shape[-1], cls)
-        if name == "torch" and q.device.type == "cpu":  # SDPA itself, with its C++ autograd
-            return varlen_attention_torch.composite_cpu(q, k, v, cu_seqlens, max_seqlen, scale)
+        fn = choose(OP, q.device, q.dtype, q.shape[-1], cls)[1]
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Eager.apply(q, k, v, cu_seqlens, max_seqlen, scale)
         return fn(q, k, v, cu_seqlens, max_seqlen, scale)[0]
@@ -251,6 +262,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     deterministic). ``auto`` takes ``torch`` on CPU; on CUDA see ``AUTO_ORDER`` and ``python -m
     maskdm_kernels.info``.
     """
+    if cpu_fast_path(q):
+        out = varlen_attention_torch.EAGER_CPU(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+        if out is not None:
+            return out
     check_qkv(OP, q, k, v, 3, "(total_tokens, nheads, headdim)")
     _check_layout(q, cu_seqlens, max_seqlen)
     if validate and not torch.compiler.is_compiling():

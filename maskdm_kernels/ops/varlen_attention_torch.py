@@ -1,8 +1,8 @@
 """The ``torch`` backend of varlen_attention: PyTorch's fused attention kernels over views or a padded batch.
 
 CPU: the flash CPU kernel on free ``(batch, H, L, Dh)`` views (one call for a uniform batch, one per sequence
-otherwise; eager calls go through ``F.scaled_dot_product_attention`` itself, ``composite_cpu``); ``cu_seqlens`` is
-on the host there, so bad values raise a named error. CUDA: the memory-efficient SDPA
+otherwise; eager calls run all of it in C++, ``EAGER_CPU``, when the extension is built); ``cu_seqlens`` is on the
+host there, so bad values raise a named error. CUDA: the memory-efficient SDPA
 kernel over a zero-padded batch with a key-padding bias; the padding index is ``layout.sample_index``, safe for
 any ``cu_seqlens`` values, and rows of an invalid layout come out NaN (no sync). Float64: explicit math.
 Both return ``(out (T, H, Dh), lse (H, T) float32)`` like the Triton backend, so either backward takes either's
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _cpp_lib
 from ..dispatch import register
 from ..layout import sample_index
 from ._common import fail
@@ -74,24 +75,12 @@ def _cpu_calls(cu_seqlens: Tensor, total: int, max_seqlen: int):
     return [(slice(s, e), 1, e - s) for s, e in itertools.pairwise(bounds) if e > s]
 
 
-def composite_cpu(q, k, v, cu_seqlens, max_seqlen, softmax_scale) -> Tensor:
-    """The eager CPU path: ``F.scaled_dot_product_attention`` on free views, differentiable through PyTorch's own
-    (C++) autograd, so a call costs the host what the plain SDPA chain costs. Same kernel, same bits as the custom
-    op's forward and backward. Layout checked on the host (named errors); NaN rows and scale as the op."""
-    calls = _cpu_calls(cu_seqlens, q.shape[0], max_seqlen)
-    q, k, v = _unit_last_stride(q, k, v)
-    _, H, D = q.shape
-    whole = len(calls) == 1 and calls[0][1] * calls[0][2] == q.shape[0]  # no slice: no SliceBackward copies
-    outs = [F.scaled_dot_product_attention(*((x if whole else x[sl]).view(b, n, H, D).transpose(1, 2)
-                                             for x in (q, k, v)),
-                                           scale=softmax_scale).transpose(1, 2).reshape(b * n, H, D)
-            for sl, b, n in calls]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    if math.isnan(softmax_scale):
-        return out * math.nan
-    if not math.isfinite(q.detach().sum().item()):  # the kernel gives 0 for a query row holding a NaN
-        out = torch.where(q.isnan().any(dim=-1, keepdim=True), math.nan, out)
-    return out
+# The eager CPU path in C++ (csrc/attention_cpu.cpp), None when the extension is not built. ``EAGER_CPU(q, k, v,
+# cu_seqlens, max_seqlen, softmax_scale)`` checks the usual case of a call (else returns None), runs the flash CPU
+# kernel below on free views, makes NaN rows NaN and records one autograd node whose backward is the kernel's: the
+# custom op's bits. Why: the plain chain (transposes + SDPA) is C++ from its Python call down, so a Python path that
+# also does the op's host work (checks, NaN rows) costs more than that chain (issue 11).
+EAGER_CPU = getattr(_cpp_lib._C, "attention_cpu", None)
 
 
 def _unit_last_stride(*xs: Tensor) -> list[Tensor]:
