@@ -63,17 +63,23 @@ def test_varlen_matches_custom_op_and_python_path(monkeypatch, lengths, max_seql
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_matches_sdpa(dtype):
-    """The (B, N, H, Dh) op against the plain chain it replaces, on views of a fused (B, N, 3, H, Dh) leaf."""
+def test_attention_matches_sdpa(monkeypatch, dtype):
+    """The (B, N, H, Dh) op against the plain chain it replaces, on views of a fused (B, N, 3, H, Dh) leaf; with
+    the extension and without it."""
     leaf = torch.randn(3, 37, 3, H, 40).to(dtype).requires_grad_(True)
 
     def chain(q, k, v):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
+    expect = _fwd_bwd(chain, leaf)
     fast = _fwd_bwd(mk.attention, leaf)
     assert "FlashCpu" in fast[0].grad_fn.name()
-    for a, b in zip(fast, _fwd_bwd(chain, leaf)):
-        _equal(a, b)
+    monkeypatch.setattr(vt, "EAGER_CPU", None)
+    slow = _fwd_bwd(mk.attention, leaf)
+    assert "FlashCpu" not in slow[0].grad_fn.name()
+    for got in (fast, slow):
+        for a, b in zip(got, expect):
+            _equal(a, b)
 
 
 def test_one_autograd_node():
