@@ -5,7 +5,8 @@
 # Usage: bash benchmarks/gpu_suite.sh   (or: make gpu-suite)
 #   DRY_RUN=1            run every phase briefly on this machine (CPU): proves the script end to end, no numbers
 #   SUITE_PARTS="..."    a subset of: build ceilings host attention train smoke tests (default: all but tests)
-#   MASKDM_RESULTS_DIR   where results and logs go (default benchmarks/results)
+#   MASKDM_RESULTS_DIR   where results and logs go (default benchmarks/results; build/gpu-suite-dry-run for a
+#                        dry run, so its CPU rows never land beside the committed GPU results)
 #   <PHASE>_TIMEOUT      per-phase limits in seconds: BUILD 90, CEILINGS 30, HOST 50, ATTN 60, TRAIN 180, SMOKE 70
 # Phase budget (H200): build 90 + ceilings 30 + op host-vs-graph 50 + attention 60 + train steps 180 (compile
 # warm-up included) + train smoke 70 = 480 s, plus ~10 s for the summary.
@@ -13,8 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-OUTDIR=${MASKDM_RESULTS_DIR:-benchmarks/results}
 DRY=${DRY_RUN:-0}
+OUTDIR=${MASKDM_RESULTS_DIR:-$( [ "$DRY" = 1 ] && echo build/gpu-suite-dry-run || echo benchmarks/results )}
 PARTS=${SUITE_PARTS:-build ceilings host attention train smoke}
 mkdir -p "$OUTDIR"
 ROWS="$OUTDIR/rows.jsonl"

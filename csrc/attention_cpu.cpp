@@ -167,7 +167,7 @@ struct FlashCpu : public torch::autograd::Function<FlashCpu> {
 
 // The usual case of an eager CPU call, whose checks this repeats in C++: exact torch.Tensor q, k, v of one shape,
 // CPU, float32 / float16 / bfloat16 / float64, head dim a multiple of 8 in [8, 128], at least one token; scale a
-// Python float or int or None; for varlen an int32 CPU cu_seqlens of B + 1 >= 2 entries, a Python int max_seqlen
+// Python float or None; for varlen an int32 CPU cu_seqlens of B + 1 >= 2 entries, a Python int max_seqlen
 // and a valid layout. False for anything else: the Python path then names the error or takes its own route.
 bool usual(PyObject* q, PyObject* k, PyObject* v, PyObject* cu, PyObject* max_seqlen, PyObject* scale, int64_t ndim,
            double& scale_out, int64_t& max_out) {
