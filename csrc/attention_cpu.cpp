@@ -10,17 +10,22 @@
 #include <ATen/ATen.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace maskdm {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -110,65 +115,93 @@ at::Tensor gather_back(const at::Tensor& q, const std::vector<int64_t>& plan, co
   return out;
 }
 
-struct FlashCpu : public torch::autograd::Function<FlashCpu> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q_in, const at::Tensor& k_in,
-                            const at::Tensor& v_in, const std::vector<int64_t>& plan, double scale) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // views and kernels straight to CPU: no autograd record
-    const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-    const bool nan_rows = !std::isnan(scale) && any_nan(q);
-    const at::Tensor bad = nan_rows ? q.isnan().any(-1, /*keepdim=*/true) : at::Tensor();  // q's layout, D = 1
-    std::vector<at::Tensor> outs;
-    variable_list saved = {q, k, v};
-    for (size_t c = 0; c < plan.size(); c += 3) {
-      auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(bhld(q, plan, c), bhld(k, plan, c),
-                                                                       bhld(v, plan, c), 0.0, false, {}, scale);
-      if (std::isnan(scale)) {  // every score is NaN; the kernel gives 0
-        o.fill_(kNaN);
-        lse.fill_(kNaN);
-      } else if (nan_rows) {  // NaN rows, as the scores they came from are (lse too, as the custom op saves it)
-        const at::Tensor b = bhld(bad, plan, c);
-        o.masked_fill_(b, kNaN);
-        lse.masked_fill_(b.squeeze(-1), kNaN);
-      }
-      outs.push_back(o);
-      saved.push_back(lse);
+// Forward with autograd off: (output in q's layout, the kernel's lse per call). NaN rows as the custom op makes
+// them: a NaN query row gives a NaN output row and lse (the backward then gives NaN), a NaN scale NaN everywhere.
+std::pair<at::Tensor, std::vector<at::Tensor>> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const std::vector<int64_t>& plan, double scale) {
+  const bool nan_rows = !std::isnan(scale) && any_nan(q);
+  const at::Tensor bad = nan_rows ? q.isnan().any(-1, /*keepdim=*/true) : at::Tensor();  // q's layout, D = 1
+  std::vector<at::Tensor> outs, lses;
+  for (size_t c = 0; c < plan.size(); c += 3) {
+    auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(bhld(q, plan, c), bhld(k, plan, c),
+                                                                     bhld(v, plan, c), 0.0, false, {}, scale);
+    if (std::isnan(scale)) {  // every score is NaN; the kernel gives 0
+      o.fill_(kNaN);
+      lse.fill_(kNaN);
+    } else if (nan_rows) {
+      const at::Tensor b = bhld(bad, plan, c);
+      o.masked_fill_(b, kNaN);
+      lse.masked_fill_(b.squeeze(-1), kNaN);
     }
-    at::Tensor out = gather_back(q, plan, outs);
-    saved.insert(saved.begin() + 3, out);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["plan"] = plan;
-    ctx->saved_data["scale"] = scale;
-    return out;
+    outs.push_back(o);
+    lses.push_back(lse);
+  }
+  return {gather_back(q, plan, outs), std::move(lses)};
+}
+
+// The node's pointer type: std::shared_ptr<Node> up to torch 2.13, c10::intrusive_ptr<Node> after. (The GPU image
+// builds this against torch 2.11, this repo's venv against 2.14.)
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class N, class Base = torch::autograd::Node>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return c10::make_intrusive<N>();
+  } else {  // deleteNode (found by ADL, older torch only) frees a long graph without deep recursion
+    return std::shared_ptr<N>(new N(), [](Base* n) { deleteNode(n); });
+  }
+}
+
+// The backward: one node in place of the chain's SDPA node and four transposes. A hand-written Node (like the ones
+// PyTorch generates), not a torch::autograd::Function: the latter's generic wrapper cost more host time than the
+// chain's five nodes here.
+struct FlashCpuBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable q_, k_, v_, out_;  // version-checked: an in-place change before backward raises
+  std::vector<at::Tensor> lse_;                     // internal, never seen by the user
+  std::vector<int64_t> plan_;
+  double scale_ = 0.0;
+
+  std::string name() const override { return "FlashCpuBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    q_.reset_data();
+    k_.reset_data();
+    v_.reset_data();
+    out_.reset_data();
+    lse_.clear();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const variable_list s = ctx->get_saved_variables();
-    const std::vector<int64_t> plan = ctx->saved_data["plan"].toIntVector();
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const at::Tensor& q = s[0];
-    if (std::isnan(scale)) {
-      auto nan = [&](const at::Tensor& x) { return at::full(x.sizes(), kNaN, x.options()); };
-      return {nan(q), nan(s[1]), nan(s[2]), at::Tensor(), at::Tensor()};
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor q = q_.unpack(), k = k_.unpack(), v = v_.unpack(), out = out_.unpack(getptr());
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    // create_graph: run with autograd on, so a second backward meets the kernel's "not implemented", not zeros.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    if (std::isnan(scale_)) {
+      auto nan = [](const at::Tensor& x) { return at::full(x.sizes(), kNaN, x.options()); };
+      return {nan(q), nan(k), nan(v)};
     }
     const at::Tensor dout = grads[0].contiguous();
     std::vector<at::Tensor> dq, dk, dv;
-    for (size_t c = 0; c < plan.size(); c += 3) {
+    for (size_t c = 0; c < plan_.size(); c += 3) {
       auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-          bhld(dout, plan, c), bhld(q, plan, c), bhld(s[1], plan, c), bhld(s[2], plan, c), bhld(s[3], plan, c),
-          s[4 + c / 3], 0.0, false, {}, scale);
+          bhld(dout, plan_, c), bhld(q, plan_, c), bhld(k, plan_, c), bhld(v, plan_, c), bhld(out, plan_, c),
+          lse_[c / 3], 0.0, false, {}, scale_);
       dq.push_back(gq);
       dk.push_back(gk);
       dv.push_back(gv);
     }
-    return {gather_back(q, plan, dq), gather_back(q, plan, dk), gather_back(q, plan, dv), at::Tensor(), at::Tensor()};
+    return {gather_back(q, plan_, dq), gather_back(q, plan_, dk), gather_back(q, plan_, dv)};
   }
 };
 
 // The usual case of an eager CPU call, whose checks this repeats in C++: exact torch.Tensor q, k, v of one shape,
-// CPU, float32 / float16 / bfloat16 / float64, head dim a multiple of 8 in [8, 128], at least one token; scale a
-// Python float or None; for varlen an int32 CPU cu_seqlens of B + 1 >= 2 entries, a Python int max_seqlen
-// and a valid layout. False for anything else: the Python path then names the error or takes its own route.
+// CPU, float32 / float16 / bfloat16 / float64, head dim a multiple of 8 in [8, 128], at least one token, no
+// forward-mode tangent; scale a Python float or None; for varlen an int32 CPU cu_seqlens of B + 1 >= 2 entries, a
+// Python int max_seqlen and a valid layout. False for anything else: the Python path then names the error or
+// takes its own route.
 bool usual(PyObject* q, PyObject* k, PyObject* v, PyObject* cu, PyObject* max_seqlen, PyObject* scale, int64_t ndim,
            double& scale_out, int64_t& max_out) {
   if (!THPVariable_CheckExact(q) || !THPVariable_CheckExact(k) || !THPVariable_CheckExact(v)) return false;
@@ -181,6 +214,8 @@ bool usual(PyObject* q, PyObject* k, PyObject* v, PyObject* cu, PyObject* max_se
   }
   const int64_t D = tq.size(-1);
   if (D % 8 || D < 8 || D > 128) return false;
+  using torch::autograd::isFwGradDefined;  // forward-mode AD: the Python path (which says it is not supported)
+  if (isFwGradDefined(tq) || isFwGradDefined(tk) || isFwGradDefined(tv)) return false;
   if (scale == Py_None) {
     scale_out = 1.0 / std::sqrt(static_cast<double>(D));
   } else if (PyFloat_CheckExact(scale)) {
@@ -207,7 +242,26 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   } else {
     plan = {0, q.size(0), q.size(1)};
   }
-  return FlashCpu::apply(q, k, v, plan, scale);
+  const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k), vs = unit_last_stride(v);
+  at::Tensor out;
+  std::vector<at::Tensor> lse;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // views and kernels straight to CPU: no autograd record
+    std::tie(out, lse) = forward(qs, ks, vs, plan, scale);
+  }
+  if (torch::autograd::compute_requires_grad(q, k, v)) {
+    auto node = make_node<FlashCpuBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(q, k, v));
+    node->q_ = torch::autograd::SavedVariable(qs, false);
+    node->k_ = torch::autograd::SavedVariable(ks, false);
+    node->v_ = torch::autograd::SavedVariable(vs, false);
+    node->lse_ = std::move(lse);
+    node->plan_ = std::move(plan);
+    node->scale_ = scale;
+    torch::autograd::set_history(out, NodePtr(node));
+    node->out_ = torch::autograd::SavedVariable(out, true);
+  }
+  return out;
 }
 
 pybind11::object attention_cpu_py(pybind11::handle q, pybind11::handle k, pybind11::handle v, pybind11::handle cu,

@@ -174,3 +174,54 @@ def test_fast_path_only_when_torch_runs():
     with mk.backend("triton"):
         assert not cpu_fast_path(q)
     assert not cpu_fast_path(torch.nn.Parameter(q))
+
+
+def test_saved_tensors_are_freed_after_backward():
+    """The node releases what it saved after a backward without retain_graph: a second one raises, as PyTorch's
+    own nodes do; with retain_graph=True it gives the same gradients again."""
+    q, k, v = (torch.randn(2, 9, H, 16, requires_grad=True) for _ in range(3))
+    out = mk.attention(q, k, v)
+    (g1,) = torch.autograd.grad(out.sum(), q, retain_graph=True)
+    (g2,) = torch.autograd.grad(out.sum(), q)
+    _equal(g1, g2)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+
+
+def test_double_backward_is_an_error_not_zeros():
+    """create_graph=True: the gradient is itself differentiable only as far as PyTorch's kernel is, so a second
+    derivative raises (as through F.scaled_dot_product_attention) instead of silently giving zeros."""
+    q, k, v = (torch.randn(2, 9, H, 16, requires_grad=True) for _ in range(3))
+    (g,) = torch.autograd.grad(mk.attention(q, k, v).sum(), q, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="not implemented"):
+        g.sum().backward()
+
+
+def test_forward_mode_ad_is_not_silently_dropped():
+    """A dual input (forward-mode AD) is declined to the Python path: the output carries a tangent or the call
+    raises; it never returns a plain output as if the tangent were zero."""
+    import torch.autograd.forward_ad as fwad
+
+    q, k, v = (torch.randn(2, 9, H, 16) for _ in range(3))
+    with fwad.dual_level():
+        try:
+            out = mk.attention(fwad.make_dual(q, torch.ones_like(q)), k, v)
+        except (RuntimeError, NotImplementedError):
+            return
+        assert fwad.unpack_dual(out).tangent is not None
+
+
+def test_saved_tensor_hooks_and_checkpoint():
+    """What the node saves goes through torch.autograd.graph.saved_tensors_hooks (q, k, v and the output), so
+    offloading and non-reentrant activation checkpointing work and give the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = (torch.randn(2, 9, H, 16, requires_grad=True) for _ in range(3))
+    (expect,) = torch.autograd.grad(mk.attention(q, k, v).sum(), q)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t.clone(), lambda t: t):
+        out = mk.attention(q, k, v)
+    assert len(packed) == 4
+    _equal(torch.autograd.grad(out.sum(), q)[0], expect)
+    _equal(torch.autograd.grad(checkpoint(mk.attention, q, k, v, use_reentrant=False).sum(), q)[0], expect)
