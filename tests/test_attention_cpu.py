@@ -19,7 +19,7 @@ H = 2
 # (lengths, max_seqlen): uniform; varlen with an empty and a one-token sequence; a single sequence shorter than
 # max_seqlen (one kernel call that is not a uniform batch); odd lengths.
 LAYOUTS = [((33, 33, 33), 33), ((17, 0, 1, 64), 64), ((5,), 9), ((3, 7, 2), 8)]
-DTYPES = [torch.float32, torch.float16, torch.float64]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]  # bf16: PyTorch's CPU kernel, not Triton
 
 
 def _packed(lengths, head_dim=24, dtype=torch.float32, seed=0):
