@@ -40,13 +40,22 @@ def report() -> str:
             reasons = dispatch.explain(op, dev, dtype, **caps)
             order = dispatch.candidates(op, dev)
             pick = next((b for b in order if not reasons[b]), None)
-            lines.append(f"  {op}: auto -> {pick or 'none'}")
+            lines.append(f"  {op}: auto -> {pick or 'none'}{_eager_note(op, dev, pick)}")
             for b, rs in reasons.items():
                 if b == pick:
                     continue
                 lines.append(f"      {b}: " + ("available (not first in the auto order)" if not rs else "; ".join(rs)))
     lines += attention_rules()
     return "\n".join(lines)
+
+
+def _eager_note(op: str, dev: torch.device, pick: str | None) -> str:
+    from .ops import varlen_attention_torch
+
+    if op in ("attention", "varlen_attention") and dev.type == "cpu" and pick == "torch":
+        return (" (eager calls: in C++, csrc/attention_cpu.cpp)" if varlen_attention_torch.EAGER_CPU is not None
+                else " (eager calls: in Python; the extension's C++ path is not built)")
+    return ""
 
 
 def attention_rules() -> list[str]:

@@ -115,6 +115,10 @@ def test_info_tells_the_truth_about_this_machine():
     assert f"gather_patches: auto -> {expected}" in out
     assert f"masked_noise_loss: auto -> {expected}" in out
     assert "torch: " in out and "triton:" in out
+    from maskdm_kernels.ops.varlen_attention_torch import EAGER_CPU
+
+    where = "in C++" if EAGER_CPU is not None else "in Python"
+    assert f"varlen_attention: auto -> torch (eager calls: {where}" in out
     if not torch.cuda.is_available():
         assert "cuda backend needs CUDA tensors" in out
 
