@@ -225,3 +225,15 @@ def test_saved_tensor_hooks_and_checkpoint():
     assert len(packed) == 4
     _equal(torch.autograd.grad(out.sum(), q)[0], expect)
     _equal(torch.autograd.grad(checkpoint(mk.attention, q, k, v, use_reentrant=False).sum(), q)[0], expect)
+
+
+@pytest.mark.parametrize("where", [(0, 0, 0), (-1, -1, -1), (13, 1, 7)])
+def test_nan_scan_reaches_every_element_of_a_strided_q(where):
+    """The NaN scan walks q's own strides (here a view of a fused (T, 3, H, Dh) projection): a NaN at the first,
+    the last or any element of q is found and only its row comes out NaN."""
+    qkv, cu = _packed((9, 20), head_dim=8)
+    q, k, v = qkv.detach().clone().unbind(1)
+    q[where] = math.nan
+    out = mk.varlen_attention(q, k, v, cu, 20)
+    bad = out.isnan().any(-1)
+    assert bad.sum() == 1 and bad[where[:2]] and out[where[:2]].isnan().all()
