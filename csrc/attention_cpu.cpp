@@ -37,11 +37,13 @@ bool plan_calls(const at::Tensor& cu, int64_t total, int64_t max_seqlen, std::ve
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t st = cu.stride(0), batch = cu.size(0) - 1;
   if (c[0] != 0 || c[batch * st] != total) return false;
+  bool uniform = true;  // every length is max_seqlen (not batch * max_seqlen == total: that product can overflow)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t len = int64_t{c[(b + 1) * st]} - c[b * st];
     if (len < 0 || len > max_seqlen) return false;
+    uniform &= len == max_seqlen;
   }
-  if (total == batch * max_seqlen) {  // every length is max_seqlen
+  if (uniform) {
     plan = {0, batch, max_seqlen};
     return true;
   }

@@ -237,3 +237,11 @@ def test_nan_scan_reaches_every_element_of_a_strided_q(where):
     out = mk.varlen_attention(q, k, v, cu, 20)
     bad = out.isnan().any(-1)
     assert bad.sum() == 1 and bad[where[:2]] and out[where[:2]].isnan().all()
+
+
+def test_huge_max_seqlen_is_not_taken_for_a_uniform_batch():
+    """4 * (2**62 + 1) wraps to 4 in int64: the C++ plan must not call a batch of four one-token sequences uniform
+    with length 2**62 + 1 (that would read far out of bounds). It is varlen, and gives the exact layout's result."""
+    qkv, cu = _packed((1, 1, 1, 1), head_dim=8)
+    q, k, v = qkv.detach().unbind(1)
+    _equal(mk.varlen_attention(q, k, v, cu, 2**62 + 1), mk.varlen_attention(q, k, v, cu, 1))
