@@ -97,14 +97,11 @@ at::Tensor bhld(const at::Tensor& x, const std::vector<int64_t>& plan, size_t c)
 // torch 2.13's CPU flash kernel reads a head dim with stride != 1 wrongly: copy those only.
 at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
-bool whole(const at::Tensor& q, const std::vector<int64_t>& plan) {
-  return q.dim() == 4 || (plan.size() == 3 && plan[1] * plan[2] == q.size(0));
-}
-
 // (batch, H, length, D) results back to q's layout: a free view for one whole call, else copied into place.
 at::Tensor gather_back(const at::Tensor& q, const std::vector<int64_t>& plan, const std::vector<at::Tensor>& parts) {
   if (q.dim() == 4) return parts[0].transpose(1, 2);
-  if (whole(q, plan)) {  // the kernels allocate (batch, length, H, D) memory: then (T, H, D) is one as_strided
+  // One call over all tokens: the kernels allocate (batch, length, H, D) memory, so (T, H, D) is one as_strided.
+  if (plan.size() == 3 && plan[1] * plan[2] == q.size(0)) {
     const at::Tensor& p = parts[0];
     const int64_t H = p.size(1), D = p.size(3);
     if (p.stride(3) == 1 && p.stride(1) == D && p.stride(2) == H * D && p.stride(0) == p.size(2) * H * D) {

@@ -1,7 +1,8 @@
 """attention: uniform-length self-attention, ``(B, N, nheads, headdim)`` in and out.
 
 Backends: ``torch`` is ``F.scaled_dot_product_attention`` on the ``(B, H, N, Dh)`` view (PyTorch picks flash /
-cuDNN / efficient; eager CPU calls run it in C++, ``varlen_attention_torch.eager_cpu``); ``triton`` and ``flash`` run varlen_attention's kernels on the packed ``(B * N, H, Dh)`` view.
+cuDNN / efficient; eager CPU calls run it in C++, ``varlen_attention_torch.EAGER_CPU``); ``triton`` and ``flash``
+run varlen_attention's kernels on the packed ``(B * N, H, Dh)`` view.
 """
 
 from __future__ import annotations

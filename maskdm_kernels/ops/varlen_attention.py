@@ -173,12 +173,10 @@ def _eager_ok(q: Tensor) -> bool:
 
 def cpu_fast_path(q) -> bool:
     """True when an eager CPU call may first try ``varlen_attention_torch.EAGER_CPU`` (the torch backend's kernels
-    in one C++ call): the torch backend requested or ``auto`` (which takes it on CPU), a plain tensor, no compile
-    trace (tested first: it short-circuits the rest when Dynamo traces this), dispatch mode or functorch
-    transform."""
-    return (not torch.compiler.is_compiling() and varlen_attention_torch.EAGER_CPU is not None
-            and type(q) is Tensor and q.is_cpu and dispatch.current_backend() in _CPU_FAST_BACKENDS
-            and _current_mode() is None and not torch._C._are_functorch_transforms_active())
+    in one C++ call): an eager call (``_eager_ok``, first: under a Dynamo trace it short-circuits before the
+    ContextVar behind ``current_backend``) with the torch backend requested or ``auto`` (which takes it on CPU)."""
+    return (_eager_ok(q) and varlen_attention_torch.EAGER_CPU is not None and q.is_cpu
+            and dispatch.current_backend() in _CPU_FAST_BACKENDS)
 
 
 _CPU_FAST_BACKENDS = ("auto", "torch")
@@ -186,11 +184,9 @@ _CPU_FAST_BACKENDS = ("auto", "torch")
 
 def _run(q, k, v, cu_seqlens, max_seqlen, scale) -> Tensor:
     if _eager_ok(q) and q.shape[0] > 0:
-        cls = shape_class(q.shape[0], cu_seqlens.shape[0] - 1, max_seqlen)
-        fn = choose(OP, q.device, q.dtype, q.shape[-1], cls)[1]
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Eager.apply(q, k, v, cu_seqlens, max_seqlen, scale)
-        return fn(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+        return _impl(OP, q, cu_seqlens, max_seqlen)(q, k, v, cu_seqlens, max_seqlen, scale)[0]
     return _varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)[0]
 
 
