@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 BUILD_ENV ?= MASKDM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$${MAX_JOBS:-2}
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: venv build test test-fast lint bench train info gpu-suite clean data
+.PHONY: venv build test test-fast lint bench train info gpu-suite clean data check-triton
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,19 @@ build: .build-stamp
 
 test: build
 	$(PY) -m pytest tests -q -ra
+
+# Every Triton attention candidate config compiled for sm_90 (no GPU needed) with each triton release the kernels
+# support, besides the venv's: no failed compile, products on the tensor cores, no ptxas spill. Each release goes to
+# build/triton/VERSION (pip --target, ~0.7-1 GB) and shadows the venv's through PYTHONPATH for the check only.
+TRITON_VERSIONS ?= 3.6.0 3.7.1 3.9.0
+
+check-triton: venv
+	env -u TRITON_INTERPRET $(PY) tests/test_attention_sm90.py --all --check >/dev/null
+	for v in $(TRITON_VERSIONS); do \
+	  test -d build/triton/$$v/triton || $(PIP) install -q --no-deps --target build/triton/$$v triton==$$v $(QUIET); \
+	  echo "triton $$v: sm_90 compile of every attention config"; \
+	  PYTHONPATH=build/triton/$$v env -u TRITON_INTERPRET $(PY) tests/test_attention_sm90.py --all --check >/dev/null; \
+	done
 
 # Style gate (ruff's version is pinned in pyproject's test extra, so its rules do not drift).
 lint: venv

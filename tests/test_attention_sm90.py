@@ -1,11 +1,13 @@
 """Ahead-of-time compile of the Triton attention kernels for sm_90 (H100 / H200) with no GPU present.
 
 Checks what can be checked without a GPU: each kernel compiles for ``GPUTarget("cuda", 90, 32)`` in bf16 (the
-paper's dtype) with its first Hopper config per head-dim class, its matrix products run on the tensor cores
+paper's dtype) with its first Hopper config per head-dim class and the fixed one the GPU tests run, its matrix products run on the tensor cores
 (``wgmma`` or ``mma`` in the PTX) and ptxas reports no register spills; the schedule (small and large batch) and
 preprocess kernels compile spill-free too. The compile runs in a subprocess without
 ``TRITON_INTERPRET`` (conftest sets it for this process, and interpreted kernels cannot be compiled).
-``python tests/test_attention_sm90.py [--all]`` prints the table (``--all``: every config of every set).
+``python tests/test_attention_sm90.py [--all] [--check]`` prints the table (``--all``: every config of every set;
+``--check``: exit 1 on a failed compile, a product off the tensor cores or a spill). ``make check-triton`` runs
+that for other triton releases.
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ def compile_all(every_config: bool = False) -> list[dict]:
 
     from maskdm_kernels.ops import varlen_attention_triton as vat
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _ptxas()
     target = GPUTarget("cuda", 90, 32)
+    fixed = vat.GPU_FIXED_CONFIG  # what the GPU tests run (MASKDM_TRITON_AUTOTUNE=0)
+    fixed = triton.Config({k: fixed[k] for k in ("BLOCK_M", "BLOCK_N")}, num_warps=fixed["num_warps"],
+                          num_stages=fixed["num_stages"])
     jobs = []
     for name in DOT_KERNELS:
         for head_dim, configs in vat.CONFIGS[name].items():
-            for cfg in (configs if every_config else configs[:1]):
+            for cfg in (configs if every_config else configs[:1]) + [fixed]:
                 for uniform in (False, True):
                     jobs.append((name, vat._KERNELS[name], head_dim, cfg, uniform))
     plain = triton.Config({}, num_warps=4, num_stages=1)
@@ -95,6 +100,29 @@ def compile_all(every_config: bool = False) -> list[dict]:
     return rows
 
 
+def _ptxas() -> str:
+    """The ptxas triton itself runs for sm_90 (triton 3.9 emits PTX 9.x, which only its ``ptxas-blackwell`` takes)."""
+    from triton.backends.nvidia import compiler
+
+    return compiler.get_ptxas(90).path
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """What is wrong with the compiled kernels: a failed compile or ptxas, no tensor-core product, a spill."""
+    out = []
+    for row in rows:
+        what = f"{row['kernel']} Dh {row['head_dim']} uniform={row['uniform']} {row}"
+        if "error" in row:
+            out.append(f"{what}: {row['error']}")
+        elif row["ptxas_rc"] != 0:
+            out.append(f"{what}: ptxas failed")
+        elif row["kernel"] in DOT_KERNELS and row["wgmma"] + row["mma"] == 0:
+            out.append(f"{what}: no tensor-core instruction in the PTX")
+        elif row["spill_bytes"] != 0:
+            out.append(f"{what}: ptxas reports {row['spill_bytes']} bytes of spills")
+    return out
+
+
 def _api_missing() -> str | None:
     try:
         import triton
@@ -107,8 +135,11 @@ def _api_missing() -> str | None:
     params = inspect.signature(ASTSource.__init__).parameters
     if not {"fn", "signature", "constexprs"} <= set(params):
         return f"triton {triton.__version__}'s ASTSource takes {list(params)}, not (fn, signature, constexprs)"
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        return "this triton ships no ptxas"
+    try:
+        if not os.path.exists(_ptxas()):
+            return "this triton ships no ptxas"
+    except Exception as e:  # noqa: BLE001
+        return f"this triton does not say which ptxas it runs ({type(e).__name__}: {e})"
     return None
 
 
@@ -120,14 +151,8 @@ def test_sm90_tensor_cores_no_spills():
                        text=True, env=env, cwd=root, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 2 * len(DOT_KERNELS) + 3
-    for row in rows:
-        what = f"{row['kernel']} Dh {row['head_dim']} uniform={row['uniform']}"
-        assert "error" not in row, f"{what}: {row.get('error')}"
-        assert row["ptxas_rc"] == 0, f"{what}: ptxas failed"
-        if row["kernel"] in DOT_KERNELS:
-            assert row["wgmma"] + row["mma"] > 0, f"{what}: no tensor-core instruction in the PTX"
-        assert row["spill_bytes"] == 0, f"{what}: ptxas reports {row['spill_bytes']} bytes of spills ({row})"
+    assert len(rows) == 2 * 2 * 2 * len(DOT_KERNELS) + 3  # (first config, fixed) x (Dh 64, 128) x uniform
+    assert not problems(rows), "\n".join(problems(rows))
 
 
 if __name__ == "__main__":
@@ -138,3 +163,7 @@ if __name__ == "__main__":
     else:
         for row in out:
             print(row)
+    if "--check" in sys.argv and problems(out):
+        import triton
+
+        sys.exit(f"triton {triton.__version__}, sm_90:\n" + "\n".join(problems(out)))

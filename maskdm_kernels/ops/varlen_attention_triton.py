@@ -269,7 +269,9 @@ def _bwd_fused_kernel(
 ):
     # One program per (sequence, head), longest first. Pass 1: delta = rowsum(dO * O) of its rows (2*L*Dh reads).
     # Pass 2: per key block, dK and dV in registers over every query block, 5 products per pair (S, dP, dV, dK, dQ);
-    # dQ summed in fp32 scratch dQacc (H, T, Dh) that only this program touches, written out at the last key block.
+    # dQ summed in fp32 scratch dQacc (H, T, Dh) that only this program touches, scaled and written out by a last pass
+    # over the rows (2*L*Dh more bytes, L2-hot). Every store of the key loop goes to dQacc: a branch choosing dQ at the
+    # last key block made triton 3.6's software pipeliner fail on sm_90 for BLOCK_M 64 ("PassManager::run failed").
     # FLOPs: 10*L*L*Dh per (sequence, head), the flash-attention count.
     h, start, seqlen, row0, status = _locate(tl.program_id(0), cu_ptr, sched_ptr, nheads, B, T, max_seqlen,
                                              BLOCK_M, UNIFORM, True)
@@ -300,7 +302,6 @@ def _bwd_fused_kernel(
                         HEAD_DIM, BLOCK_D, True)
         tl.store(Delta_ptr + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < seqlen)
     tl.debug_barrier()  # delta written by other threads of this program is read below
-    last_n = ((seqlen - 1) // BLOCK_N) * BLOCK_N
     for start_n in range(0, seqlen, BLOCK_N):
         rows_n = start_n + offs_n
         k = _load_rows(K_ptr + rows_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, rows_n, seqlen, offs_d,
@@ -326,17 +327,19 @@ def _bwd_fused_kernel(
             else:
                 dq = tl.load(acc_ptrs, mask=row_ok, other=0.0)
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, dq, input_precision="ieee")
-            if start_n == last_n:
-                tl.store(dQ_ptr + (start + rows)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
-                         (dq * sm_scale).to(dQ_ptr.dtype.element_ty), mask=row_ok & d_ok)
-            else:
-                tl.store(acc_ptrs, dq, mask=row_ok)
+            tl.store(acc_ptrs, dq, mask=row_ok)
             tl.debug_barrier()  # the next key block's threads read this scratch tile
         mask = (rows_n < seqlen)[:, None] & d_ok
         tl.store(dK_ptr + (start + rows_n)[:, None] * stride_dkt + h * stride_dkh + offs_d[None, :] * stride_dkd,
                  (dk * sm_scale).to(dK_ptr.dtype.element_ty), mask=mask)
         tl.store(dV_ptr + (start + rows_n)[:, None] * stride_dvt + h * stride_dvh + offs_d[None, :] * stride_dvd,
                  dv.to(dV_ptr.dtype.element_ty), mask=mask)
+    for start_m in range(0, seqlen, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = (rows < seqlen)[:, None]
+        dq = tl.load(dQacc_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok, other=0.0)
+        tl.store(dQ_ptr + (start + rows)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
+                 (dq * sm_scale).to(dQ_ptr.dtype.element_ty), mask=row_ok & d_ok)
 
 
 @triton.jit
@@ -463,22 +466,22 @@ def _configs(pairs) -> list:
 # NOTE: candidate sets for Hopper (sm90: 228 KB shared memory, 64K registers per SM), from the shapes FlashAttention-2
 # and the Triton tutorial use there; kernel time unmeasured (no GPU in the session that wrote them). Per kernel and
 # head-dim class (Dh <= 64, Dh <= 128): (BLOCK_M, BLOCK_N, warps, stages). Every one compiles for sm_90a in bf16
-# with tensor-core products and no ptxas spills (tests/test_attention_sm90.py --all, triton 3.8); candidates that
-# spilled there were dropped (dK/dV 64x128x8w3s, 128x128; dQ 128x64, 128x128; fused 128x64, Dh 128 64x64). The
-# autotuner times each on the first call per (head dim, dtype, max_seqlen bucket, uniform) and drops those that
-# exceed shared memory.
+# with tensor-core products and no ptxas spills with triton 3.6, 3.7, 3.8 and 3.9 (`make check-triton`); candidates
+# that spilled with one of them were dropped (dK/dV 64x128x8w3s, 128x128, Dh 128 32x64x4w2s; dQ 128x64, 128x128,
+# Dh 128 64x64x4w; fused 128x64, Dh 128 64x64 and 32x64x4w). The autotuner times each on the first call per
+# (head dim, dtype, max_seqlen bucket, uniform) and drops those that exceed shared memory.
 CONFIGS = {
     "fwd": {64: _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3),
                           (64, 32, 4, 3)]),
             128: _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)])},
     "dkdv": {64: _configs([(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 3), (64, 64, 8, 3),
                            (32, 64, 4, 4)]),
-             128: _configs([(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 128, 8, 2)])},
+             128: _configs([(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2)])},
     "dq": {64: _configs([(64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (64, 32, 4, 4)]),
-           128: _configs([(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)])},
+           128: _configs([(128, 32, 8, 2), (64, 32, 4, 3)])},
     "fused": {64: _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3),
                             (64, 32, 4, 3)]),
-              128: _configs([(32, 64, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2)])},
+              128: _configs([(32, 64, 8, 2), (64, 32, 4, 2), (32, 128, 8, 2)])},
 }
 
 
