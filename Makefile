@@ -35,17 +35,17 @@ build: .build-stamp
 test: build
 	$(PY) -m pytest tests -q -ra
 
-# Every Triton attention candidate config compiled for sm_90 (no GPU needed) with each triton release the kernels
-# support, besides the venv's: no failed compile, products on the tensor cores, no ptxas spill. Each release goes to
-# build/triton/VERSION (pip --target, ~0.7-1 GB) and shadows the venv's through PYTHONPATH for the check only.
+# Every Triton kernel (each attention candidate config) compiled for sm_90, no GPU needed, with the venv's triton and
+# each other release the kernels support: no failed compile, products on the tensor cores, no ptxas spill. Each
+# release goes to build/triton/VERSION (pip --target, 0.7-1 GB) and shadows the venv's through PYTHONPATH.
 TRITON_VERSIONS ?= 3.6.0 3.7.1 3.9.0
 
 check-triton: venv
-	env -u TRITON_INTERPRET $(PY) tests/test_attention_sm90.py --all --check >/dev/null
+	env -u TRITON_INTERPRET $(PY) tests/test_triton_sm90.py --all --check >/dev/null
 	for v in $(TRITON_VERSIONS); do \
 	  test -d build/triton/$$v/triton || $(PIP) install -q --no-deps --target build/triton/$$v triton==$$v $(QUIET); \
-	  echo "triton $$v: sm_90 compile of every attention config"; \
-	  PYTHONPATH=build/triton/$$v env -u TRITON_INTERPRET $(PY) tests/test_attention_sm90.py --all --check >/dev/null; \
+	  echo "triton $$v: sm_90 compile of every kernel and attention config"; \
+	  PYTHONPATH=build/triton/$$v env -u TRITON_INTERPRET $(PY) tests/test_triton_sm90.py --all --check >/dev/null; \
 	done
 
 # Style gate (ruff's version is pinned in pyproject's test extra, so its rules do not drift).

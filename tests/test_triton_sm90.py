@@ -1,13 +1,13 @@
-"""Ahead-of-time compile of the Triton attention kernels for sm_90 (H100 / H200) with no GPU present.
+"""Ahead-of-time compile of every Triton kernel for sm_90 (H100 / H200) with no GPU present.
 
-Checks what can be checked without a GPU: each kernel compiles for ``GPUTarget("cuda", 90, 32)`` in bf16 (the
-paper's dtype) with its first Hopper config per head-dim class and the fixed one the GPU tests run, its matrix products run on the tensor cores
-(``wgmma`` or ``mma`` in the PTX) and ptxas reports no register spills; the schedule (small and large batch) and
-preprocess kernels compile spill-free too. The compile runs in a subprocess without
-``TRITON_INTERPRET`` (conftest sets it for this process, and interpreted kernels cannot be compiled).
-``python tests/test_attention_sm90.py [--all] [--check]`` prints the table (``--all``: every config of every set;
-``--check``: exit 1 on a failed compile, a product off the tensor cores or a spill). ``make check-triton`` runs
-that for other triton releases.
+Checks what can be checked without a GPU: each attention kernel compiles for ``GPUTarget("cuda", 90, 32)`` in bf16
+(the paper's dtype) with its first Hopper config per head-dim class and the fixed one the GPU tests run, its matrix
+products run on the tensor cores (``wgmma`` or ``mma`` in the PTX) and ptxas reports no register spills; the
+schedule, preprocess and patch (gather, scatter, loss) kernels compile spill-free too. The compile runs in a
+subprocess without ``TRITON_INTERPRET`` (conftest sets it for this process, and interpreted kernels cannot be
+compiled). ``python tests/test_triton_sm90.py [--all] [--check]`` prints the table (``--all``: every attention
+config of every set; ``--check``: exit 1 on a failed compile, a product off the tensor cores or a spill).
+``make check-triton`` runs that with each triton release the kernels support.
 """
 
 from __future__ import annotations
@@ -24,16 +24,19 @@ import pytest
 DOT_KERNELS = ("fwd", "dkdv", "dq", "fused")
 
 
+_FP32 = ("Lse", "Delta", "dQacc", "SS", "NS", "W_", "Partial", "GradOut")
+
+
 def _signature(fn, consts: dict):
-    """Triton signature dict for ``fn``: bf16 tensors, fp32 statistics, int32 layout, unit head-dim strides as
-    constants (Triton specialises a 1 the same way at launch), 16-divisible pointers and row strides."""
+    """Triton signature dict for ``fn``: bf16 tensors, fp32 statistics and scales, int32 layout, unit head-dim
+    strides as constants (Triton specialises a 1 the same way at launch), 16-divisible pointers and row strides."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = ("*i32" if name in ("cu_ptr", "sched_ptr")
-                         else "*fp32" if name.startswith(("Lse", "Delta", "dQacc")) else "*bf16")
+            sig[name] = ("*i32" if name in ("cu_ptr", "sched_ptr", "ids_ptr")
+                         else "*fp32" if name.startswith(_FP32) else "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
@@ -66,11 +69,12 @@ def compile_all(every_config: bool = False) -> list[dict]:
     plain = triton.Config({}, num_warps=4, num_stages=1)
     jobs += [("schedule", vat._schedule_kernel, 0, plain, {"BLOCK_B": b}) for b in (16, 4096)]
     jobs.append(("preprocess", vat._bwd_preprocess_kernel, 64, plain, {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_T": 64}))
+    jobs += _patch_jobs()
     rows = []
     for name, fn, head_dim, cfg, uniform in jobs:
         consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
         if isinstance(uniform, dict):  # a kernel without products: its constants as given
-            consts.update(uniform)
+            consts.update({k: v for k, v in uniform.items() if k in fn.arg_names})
         else:
             consts.update(HEAD_DIM=head_dim, BLOCK_D=head_dim, UNIFORM=uniform, EVEN=False, **cfg.kwargs)
         sig, attrs = _signature(fn, consts)
@@ -98,6 +102,27 @@ def compile_all(every_config: bool = False) -> list[dict]:
                    registers=int(regs[0]) if regs else None)
         rows.append(row)
     return rows
+
+
+def _patch_jobs() -> list:
+    """The patch kernels (no products) at the geometry uvit-b 256x256 p=4 launches (48 pixels per token: BLOCK_J 64,
+    BLOCK_T 64) and with its warps, with every optional input on and off, a batch of 32 and the largest
+    sample-search block."""
+    import triton
+
+    from maskdm_kernels.ops import patches_triton as pt
+
+    cfg = triton.Config({}, num_warps=pt.num_warps(64, 64), num_stages=3)
+
+    unit = {"stride_xw": 1, "stride_nw": 1, "stride_ow": 1, "stride_tj": 1, "stride_pj": 1}  # contiguous
+    geometry = [{"BLOCK_T": 64, "BLOCK_J": 64, "BLOCK_B": b, **unit} for b in (32, 1024)]
+    jobs = []
+    for g in geometry:
+        for on in (False, True):
+            jobs.append(("gather", pt._gather_kernel, 0, cfg, {**g, "HAS_NOISE": on, "HAS_SS": on, "HAS_NS": on}))
+            jobs += [("loss", pt._loss_kernel, 0, cfg, {**g, "HAS_WEIGHT": on, "BACKWARD": bwd}) for bwd in (0, 1)]
+        jobs.append(("scatter", pt._scatter_kernel, 0, cfg, g))
+    return jobs
 
 
 def _ptxas() -> str:
@@ -151,7 +176,8 @@ def test_sm90_tensor_cores_no_spills():
                        text=True, env=env, cwd=root, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 2 * 2 * len(DOT_KERNELS) + 3  # (first config, fixed) x (Dh 64, 128) x uniform
+    # (first config, fixed) x (Dh 64, 128) x uniform; schedule x 2, preprocess; patch kernels x 14
+    assert len(rows) == 2 * 2 * 2 * len(DOT_KERNELS) + 3 + 14
     assert not problems(rows), "\n".join(problems(rows))
 
 
