@@ -27,7 +27,7 @@ from . import masking
 from .ema import EMA
 
 __all__ = ["CAPACITY_SLACK", "COMPILE_MODES", "Denoiser", "LossView", "StepResult", "TrainStep", "compile_count",
-           "compile_forward", "resolve_compile", "step_options"]
+           "compile_forward", "graph_break_count", "resolve_compile", "step_options"]
 
 
 class Denoiser(nn.Module):
@@ -116,6 +116,14 @@ def compile_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def graph_break_count() -> int:
+    """Graph breaks Dynamo has met in this process: each one splits the compiled step into pieces, with eager
+    Python between them (and, under reduce-overhead, one CUDA graph per piece)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
 class TrainStep:
     """The device work of one optimizer step of one stage (a new one per stage: the optimizer changes).
 
@@ -167,7 +175,7 @@ class TrainStep:
                 diffusion._at(name, t0)
         self._loss = self._loss_eager if compile == "off" else torch.compile(self._loss_eager, mode=compile,
                                                                             dynamic=False)
-        self.compiles = self.recompiles = self._calls = 0
+        self.compiles = self.recompiles = self.graph_breaks = self._calls = 0
         self._pad_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._graph = None
         self._warm = 0
@@ -176,7 +184,7 @@ class TrainStep:
         """For the log record: graphs compiled during this step's calls, and how many after its first call."""
         if self.compile == "off":
             return {}
-        return {"compiles": self.compiles, "recompiles": self.recompiles}
+        return {"compiles": self.compiles, "recompiles": self.recompiles, "graph_breaks": self.graph_breaks}
 
     def _autocast(self):
         if self.bf16:  # no cast cache inside a captured graph: cached casts would be stale on replay
@@ -201,9 +209,10 @@ class TrainStep:
             self._pad_cache[cap.tokens] = (zeros, weight)
         if self.compile == "off":
             return self._run(x0, t, noise, vis, weight, lr, ema_decay)
-        before = compile_count()
+        before, breaks = compile_count(), graph_break_count()
         out = self._run(x0, t, noise, vis, weight, lr, ema_decay)
         n = compile_count() - before
+        self.graph_breaks += graph_break_count() - breaks
         self.compiles += n
         self.recompiles += n if self._calls else 0
         self._calls += 1

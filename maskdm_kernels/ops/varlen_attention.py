@@ -191,12 +191,20 @@ def _run(q, k, v, cu_seqlens, max_seqlen, scale) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------------------- checks
+def _same_shape(a: torch.Size, b: torch.Size) -> bool:
+    """Eager: a plain tuple compare (torch.Size's own goes through sym_eq, slow). Traced: ``==``, since Dynamo
+    before torch 2.14 cannot trace ``tuple.__eq__`` on sizes (``is_compiling()`` is a constant there)."""
+    if torch.compiler.is_compiling():
+        return a == b
+    return tuple.__eq__(a, b)
+
+
 def check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
     """Shapes, dtypes and devices only: O(1) Python, no tensor ops, no sync. One combined test for the usual case;
     the per-argument messages only when it fails."""
     if (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dtype in _FLOATS
             and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == ndim
-            and tuple.__eq__(k.shape, q.shape) and tuple.__eq__(v.shape, q.shape)
+            and _same_shape(k.shape, q.shape) and _same_shape(v.shape, q.shape)
             and k.device == q.device and v.device == q.device and q.shape[-1] in _HEAD_DIMS):
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -207,7 +215,7 @@ def check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
     if q.dim() != ndim:
         fail(op, "q", f"must be {layout}, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if tuple.__ne__(t.shape, q.shape):  # plain tuple compare: torch.Size's goes through sym_eq (slow)
+        if not _same_shape(t.shape, q.shape):
             fail(op, name, f"must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             fail(op, name, f"must have q's dtype {q.dtype}, got {t.dtype}", TypeError)
