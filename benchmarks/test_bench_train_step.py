@@ -29,7 +29,8 @@ Each row's ``extra_info``: provider, batch, mask_ratio, images_per_s, ``mfu`` (m
 counted on the real tokens only, per second, over the matmul rate measured at the start of this run: bf16 on CUDA,
 fp32 on CPU, in ``matmul_tflops``), ``host_ms`` (host time to enqueue one step, measured with the device idle
 before the call; on CPU the host does the work too, so it is the step time), ``warmup_s`` (first calls, compile
-included), the speed-up over the full step of the same compile mode and the FLOP ratio beside it. Before timing,
+included), ``graph_breaks`` (compiled rows: Dynamo graph breaks met while timing; should be 0), the speed-up over
+the full step of the same compile mode and the FLOP ratio beside it. Before timing,
 each peer's loss is checked against ours on the same weights and inputs, so a provider that skipped work fails.
 
     pytest benchmarks/test_bench_train_step.py --benchmark-only
@@ -57,7 +58,7 @@ from einops import rearrange
 from maskdm import GaussianDiffusion, create_model, masking
 from maskdm.ema import EMA
 from maskdm.model import timestep_embedding
-from maskdm.step import CAPACITY_SLACK, Denoiser, TrainStep, resolve_compile
+from maskdm.step import CAPACITY_SLACK, Denoiser, TrainStep, graph_break_count, resolve_compile
 
 from .summarize import matmul_tflops
 
@@ -344,6 +345,7 @@ def test_train_step(benchmark, batch, ratio, provider):
             loss.backward()
             _tail(model, opt, ema, EMA_DECAY)
 
+    breaks = graph_break_count()
     try:
         # the captured step replays from its 4th call (3 eager warm-up steps, then the capture)
         seconds, host_ms, warmup = _measure(benchmark, step, CASE["warmup"] + 2 * (provider == "maskdm_graph"))
@@ -365,6 +367,9 @@ def test_train_step(benchmark, batch, ratio, provider):
             "tokens_per_sample": round(sum(lengths) / batch, 1), "flop_ratio_vs_full": round(full_flops / flops, 2)}
     row = (f"B={batch} {provider:<20} ratio {info['mask_ratio']!s:<7} {ips:9.1f} img/s  host {host_ms:8.2f} ms  "
            f"mfu {info['mfu']:.3f}")
+    if compiled:  # a break leaves eager Python inside the compiled step: the row is not what it claims to be
+        info["graph_breaks"] = graph_break_count() - breaks
+        row += f"  {info['graph_breaks']} graph breaks" if info["graph_breaks"] else ""
     base = _FULL_SECONDS.get((batch, compiled))
     if base is not None and not provider.startswith("full"):
         info["speedup_vs_full"] = round(base / seconds, 2)
