@@ -181,7 +181,8 @@ class TrainStep:
         self._warm = 0
 
     def compile_stats(self) -> dict:
-        """For the log record: graphs compiled during this step's calls, and how many after its first call."""
+        """For the log record: graphs compiled during this step's calls, how many after its first call, and the
+        graph breaks met."""
         if self.compile == "off":
             return {}
         return {"compiles": self.compiles, "recompiles": self.recompiles, "graph_breaks": self.graph_breaks}

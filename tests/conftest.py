@@ -11,7 +11,7 @@ import pytest
 
 def pytest_configure(config):
     # triton < 3.7's interpreter calls int() on a 1-element array (range() over a scalar kernel argument), which
-    # numpy >= 2.4 refuses: every Triton test would fail with a TypeError from inside triton (triton issue 9171).
+    # numpy >= 2.4 refuses: Triton tests would fail with a TypeError from inside triton (triton issue 9171).
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     import numpy

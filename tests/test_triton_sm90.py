@@ -48,7 +48,7 @@ def _signature(fn, consts: dict):
 
 
 def compile_all(every_config: bool = False) -> list[dict]:
-    """Compile each dot kernel (and the schedule / preprocess kernels) for sm_90; one row per compile."""
+    """Compile each dot kernel (and the schedule, preprocess and patch kernels) for sm_90; one row per compile."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -113,7 +113,6 @@ def _patch_jobs() -> list:
     from maskdm_kernels.ops import patches_triton as pt
 
     cfg = triton.Config({}, num_warps=pt.num_warps(64, 64), num_stages=3)
-
     unit = {"stride_xw": 1, "stride_nw": 1, "stride_ow": 1, "stride_tj": 1, "stride_pj": 1}  # contiguous
     geometry = [{"BLOCK_T": 64, "BLOCK_J": 64, "BLOCK_B": b, **unit} for b in (32, 1024)]
     jobs = []

@@ -192,8 +192,8 @@ def _run(q, k, v, cu_seqlens, max_seqlen, scale) -> Tensor:
 
 # -------------------------------------------------------------------------------------------------- checks
 def _same_shape(a: torch.Size, b: torch.Size) -> bool:
-    """Eager: a plain tuple compare (torch.Size's own goes through sym_eq, slow). Traced: ``==``, since Dynamo
-    before torch 2.14 cannot trace ``tuple.__eq__`` on sizes (``is_compiling()`` is a constant there)."""
+    """Eager: a plain tuple compare (torch.Size's own goes through sym_eq, slow). Traced: ``==``, since torch
+    2.11's Dynamo cannot trace ``tuple.__eq__`` on sizes (2.13 can; ``is_compiling()`` is a constant there)."""
     if torch.compiler.is_compiling():
         return a == b
     return tuple.__eq__(a, b)
