@@ -105,16 +105,16 @@ def compile_all(every_config: bool = False) -> list[dict]:
 
 
 def _patch_jobs() -> list:
-    """The patch kernels (no products) at the geometry uvit-b 256x256 p=4 launches (48 pixels per token: BLOCK_J 64,
-    BLOCK_T 64) and with its warps, with every optional input on and off, a batch of 32 and the largest
-    sample-search block."""
+    """The patch kernels (no products) with the launch geometry uvit-b 256x256 p=4 gets (48 pixels per token), with
+    every optional input on and off, a batch of 32 and the largest sample-search block."""
     import triton
 
     from maskdm_kernels.ops import patches_triton as pt
 
-    cfg = triton.Config({}, num_warps=pt.num_warps(64, 64), num_stages=3)
+    block_t, block_j, warps = pt._launch_geometry(4 * 4 * 3)
+    cfg = triton.Config({}, num_warps=warps, num_stages=3)
     unit = {"stride_xw": 1, "stride_nw": 1, "stride_ow": 1, "stride_tj": 1, "stride_pj": 1}  # contiguous
-    geometry = [{"BLOCK_T": 64, "BLOCK_J": 64, "BLOCK_B": b, **unit} for b in (32, 1024)]
+    geometry = [{"BLOCK_T": block_t, "BLOCK_J": block_j, "BLOCK_B": pt._block_b(b), **unit} for b in (32, 10**6)]
     jobs = []
     for g in geometry:
         for on in (False, True):

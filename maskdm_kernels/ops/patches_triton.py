@@ -171,15 +171,12 @@ def _loss_kernel(
         tl.store(Partial_ptr + pid, tl.sum(tl.where(t_mask, per_token, 0.0), axis=0))
 
 
-def _launch_geometry(ppc: int) -> tuple[int, int]:
+def _launch_geometry(ppc: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_J, warps) for ``ppc`` pixels per token: about 4096 elements per program and 16 per thread
+    (at 4 warps, 32 each, the gather with noise spilled 144-176 bytes on sm_90)."""
     block_j = triton.next_power_of_2(ppc)
     block_t = max(1, min(64, 4096 // block_j))
-    return block_t, block_j
-
-
-def num_warps(block_t: int, block_j: int) -> int:
-    """About 16 elements per thread: at 4 warps (32 each) the gather with noise spilled 144-176 bytes on sm_90."""
-    return min(16, max(4, block_t * block_j // 512))
+    return block_t, block_j, min(16, max(4, block_t * block_j // 512))
 
 
 def _search_steps(batch: int) -> int:
@@ -195,8 +192,9 @@ def _meta(images_shape, ids: Tensor, cu_seqlens: Tensor, p: int):
     T = ids.shape[0]
     batch = cu_seqlens.shape[0] - 1
     ppc = p * p * C
-    block_t, block_j = _launch_geometry(ppc)
-    return T, batch, C, W // p, ppc, block_t, block_j, (H // p) * (W // p)
+    block_t, block_j, warps = _launch_geometry(ppc)
+    launch = {"BLOCK_T": block_t, "BLOCK_J": block_j, "BLOCK_B": _block_b(batch), "num_warps": warps}
+    return T, batch, C, W // p, ppc, (H // p) * (W // p), launch
 
 
 def _empty_layout_nan(cu_seqlens: Tensor) -> Tensor:
@@ -205,20 +203,19 @@ def _empty_layout_nan(cu_seqlens: Tensor) -> Tensor:
 
 
 def gather_patches(images, ids, cu_seqlens, patch_size, noise=None, signal_scale=None, noise_scale=None):
-    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(images.shape, ids, cu_seqlens, patch_size)
+    T, batch, C, Wp, ppc, n_patches, launch = _meta(images.shape, ids, cu_seqlens, patch_size)
     out = torch.empty((T, ppc), dtype=images.dtype, device=images.device)
     if T == 0:
         return out
     n = noise if noise is not None else images
-    grid = (triton.cdiv(T, block_t),)
+    grid = (triton.cdiv(T, launch["BLOCK_T"]),)
     _gather_kernel[grid](
         images, n, signal_scale if signal_scale is not None else images,
         noise_scale if noise_scale is not None else images, out, ids, cu_seqlens,
         T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches,
         *images.stride(), *n.stride(),
         HAS_NOISE=noise is not None, HAS_SS=signal_scale is not None, HAS_NS=noise_scale is not None,
-        BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
-        num_warps=num_warps(block_t, block_j),
+        **launch,
     )
     return out
 
@@ -226,20 +223,19 @@ def gather_patches(images, ids, cu_seqlens, patch_size, noise=None, signal_scale
 def scatter_patches(tokens, ids, cu_seqlens, patch_size, image_size, fill=0.0):
     B, C, H, W = image_size
     out = torch.full((B, C, H, W), fill, dtype=tokens.dtype, device=tokens.device)
-    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(image_size, ids, cu_seqlens, patch_size)
+    T, batch, C, Wp, ppc, n_patches, launch = _meta(image_size, ids, cu_seqlens, patch_size)
     if T == 0:
         return out.masked_fill_(_empty_layout_nan(cu_seqlens), float("nan"))
-    _scatter_kernel[(triton.cdiv(T, block_t),)](
+    _scatter_kernel[(triton.cdiv(T, launch["BLOCK_T"]),)](
         tokens, out, ids, cu_seqlens, T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches, C * H * W,
-        *tokens.stride(), *out.stride(), BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
-        num_warps=num_warps(block_t, block_j),
+        *tokens.stride(), *out.stride(), **launch,
     )
     return out
 
 
 def masked_noise_loss(pred, noise, ids, cu_seqlens, patch_size, weight=None):
-    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(noise.shape, ids, cu_seqlens, patch_size)
-    nblocks = triton.cdiv(T, block_t)
+    T, batch, C, Wp, ppc, n_patches, launch = _meta(noise.shape, ids, cu_seqlens, patch_size)
+    nblocks = triton.cdiv(T, launch["BLOCK_T"])
     if T == 0:
         zero = torch.zeros((), dtype=torch.float32, device=pred.device)
         return zero.masked_fill_(_empty_layout_nan(cu_seqlens), float("nan"))
@@ -247,21 +243,19 @@ def masked_noise_loss(pred, noise, ids, cu_seqlens, patch_size, weight=None):
     _loss_kernel[(nblocks,)](
         pred, noise, weight if weight is not None else partial, partial, partial, partial, ids, cu_seqlens,
         T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches, *pred.stride(), *noise.stride(),
-        HAS_WEIGHT=weight is not None, BACKWARD=False, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
-        num_warps=num_warps(block_t, block_j),
+        HAS_WEIGHT=weight is not None, BACKWARD=False, **launch,
     )
     return partial.sum()  # deterministic: no atomics
 
 
 def masked_noise_loss_backward(grad, pred, noise, ids, cu_seqlens, patch_size, weight=None):
-    T, batch, C, Wp, ppc, block_t, block_j, n_patches = _meta(noise.shape, ids, cu_seqlens, patch_size)
+    T, batch, C, Wp, ppc, n_patches, launch = _meta(noise.shape, ids, cu_seqlens, patch_size)
     out = torch.empty((T, ppc), dtype=pred.dtype, device=pred.device)
     if T == 0:
         return out
-    _loss_kernel[(triton.cdiv(T, block_t),)](
+    _loss_kernel[(triton.cdiv(T, launch["BLOCK_T"]),)](
         pred, noise, weight if weight is not None else out, out, out, grad, ids, cu_seqlens,
         T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches, *pred.stride(), *noise.stride(),
-        HAS_WEIGHT=weight is not None, BACKWARD=True, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_B=_block_b(batch),
-        num_warps=num_warps(block_t, block_j),
+        HAS_WEIGHT=weight is not None, BACKWARD=True, **launch,
     )
     return out
