@@ -1,7 +1,7 @@
 // The eager CPU path of attention / varlen_attention (csrc/attention_cpu.cpp), bound as _C.attention_cpu.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <pybind11/pybind11.h>
 
 namespace maskdm {

@@ -2,7 +2,7 @@
 // dispatch over dtypes and vector widths. Shared by the C++ and CUDA entry points.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <initializer_list>

@@ -3,6 +3,7 @@
 //
 // Bytes moved: reads T*P values of images (and T*P of noise), writes T*P values; masked pixels are never read.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <atomic>

@@ -6,6 +6,9 @@
 // Deterministic: per-chunk partials over fixed chunks of tokens, then summed in order (no atomics), so the
 // result does not depend on the thread count.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <atomic>

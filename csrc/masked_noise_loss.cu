@@ -6,6 +6,8 @@
 // read on the device (no host sync). scale_b = w_b / (max(len_b, 1) * P * B).
 // Bytes moved: forward reads T*P of pred and T*P of noise (+ 4 bytes per block of partials); backward reads
 // the same and writes T*P of grad.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -4,7 +4,8 @@
 // The CPU implementations are registered in csrc/<op>.cpp, the CUDA ones in csrc/<op>.cu. The Python
 // custom ops maskdm::gather_patches etc. (maskdm_kernels/ops) add to this namespace as fragments and call
 // these kernels through torch.ops.maskdm.<name>.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 

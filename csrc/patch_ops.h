@@ -2,7 +2,7 @@
 // entry points: checks, output allocation, the launch plan, and the kernel argument structs.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <vector>
 

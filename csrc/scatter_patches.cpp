@@ -3,6 +3,7 @@
 //
 // Bytes moved: writes B*C*H*W values (the fill), reads T*P token values and writes T*P image values.
 #include <ATen/Parallel.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <atomic>
