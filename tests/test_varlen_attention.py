@@ -122,9 +122,22 @@ def test_matches_reference(backend, device, lengths, heads, head_dim):
         _compare(backend, lengths, heads, head_dim, dtype, device)
 
 
-@pytest.mark.parametrize("block_m,block_n", [(64, 32), (16, 16), (128, 128)])
-def test_triton_other_block_sizes(monkeypatch, block_m, block_n):
-    """Configurations the GPU autotuner may pick (the interpreter otherwise runs 32 x 64)."""
+def _gpu_blocks() -> list[tuple[int, int]]:
+    """Every (BLOCK_M, BLOCK_N) a GPU can run: the autotuner's bf16 and fp32 candidates, the fixed GPU-test config,
+    and 16 x 16 (the smallest a product takes)."""
+    if dispatch._triton_error() is not None:
+        return [(16, 16)]
+    from maskdm_kernels.ops import varlen_attention_triton as vat
+
+    pairs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for sets in (vat.CONFIGS, vat.CONFIGS_FP32)
+             for by_d in sets.values() for cfgs in by_d.values() for c in cfgs}
+    return sorted(pairs | {(vat.GPU_FIXED_CONFIG["BLOCK_M"], vat.GPU_FIXED_CONFIG["BLOCK_N"]), (16, 16)})
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("block_m,block_n", _gpu_blocks())
+def test_triton_other_block_sizes(monkeypatch, bwd_scheme, block_m, block_n):
+    """Configurations the GPU autotuner may pick (the interpreter otherwise runs 32 x 64), both backward schemes."""
     from maskdm_kernels.ops import varlen_attention_triton
 
     monkeypatch.setattr(varlen_attention_triton, "INTERPRET_CONFIG", {"BLOCK_M": block_m, "BLOCK_N": block_n})
@@ -401,8 +414,8 @@ def test_torch_compile_fullgraph(backend, compiler):
 
 @NEEDS_TRITON
 def test_autotuned_pick_is_reused(monkeypatch):
-    """On a GPU the autotuner runs once per key; later launches go straight to its pick (no per-call key lookup).
-    Checked with stub kernels that record how they were launched (no GPU needed)."""
+    """On a GPU the autotuner runs once per key; later launches go straight to its pick (no per-call key lookup);
+    fp32 tunes over its own set. Checked with stub kernels that record how they were launched (no GPU needed)."""
     import triton
 
     from maskdm_kernels.ops import varlen_attention_triton as vt
@@ -420,13 +433,14 @@ def test_autotuned_pick_is_reused(monkeypatch):
     monkeypatch.setattr(vt, "triton_interpret", lambda: False)
     monkeypatch.delenv("MASKDM_TRITON_AUTOTUNE", raising=False)
     monkeypatch.setattr(vt, "_PLAIN", {name: Stub("plain") for name in vt._KERNELS})
-    monkeypatch.setattr(vt, "_TUNED", {key: Stub("tuned") for key in vt._TUNED})
+    monkeypatch.setattr(vt, "_TUNED", {key: Stub("tuned fp32" if key[2] else "tuned") for key in vt._TUNED})
     monkeypatch.setattr(vt, "_BEST", {})
     q = torch.randn(10, 2, 64)
     cu = torch.tensor([0, 5, 10], dtype=torch.int32)
     for _ in range(3):
         vt.varlen_attention_fwd(q, q, q, cu, 5, 0.125)
-    assert [c[0] for c in calls] == ["tuned", "plain", "plain"]
+    vt.varlen_attention_fwd(q.half(), q.half(), q.half(), cu, 5, 0.125)
+    assert [c[0] for c in calls] == ["tuned fp32", "plain", "plain", "tuned"]
     assert calls[1][1]["BLOCK_M"] == 64 and calls[1][1]["num_warps"] == 8 and calls[1][1]["num_stages"] == 3
 
 

@@ -28,7 +28,7 @@ dQ accumulated in an fp32 scratch only that program touches, rowsum(dO * O) comp
 ones keep full parallelism with a dK/dV kernel (4 products) and a dQ kernel (3).
 
 Configs: on a GPU the block sizes are autotuned from per-head-dim sets (separate for the forward, dK/dV, dQ and the
-fused backward), once per key, then launched straight from the pick; under ``TRITON_INTERPRET=1``
+fused backward, and smaller ones for fp32), once per key, then launched straight from the pick; under ``TRITON_INTERPRET=1``
 ``INTERPRET_CONFIG`` runs, and with ``MASKDM_TRITON_AUTOTUNE=0``
 ``GPU_FIXED_CONFIG``. No tensor-memory-accelerator descriptors: a varlen tile's bounds are per sequence (one
 descriptor per sequence or a 3-D trick), the descriptor API changed across Triton 3.6-3.9 and needs an allocator,
@@ -483,6 +483,21 @@ CONFIGS = {
                             (64, 32, 4, 3)]),
               128: _configs([(32, 64, 8, 2), (64, 32, 4, 2), (32, 128, 8, 2)])},
 }
+# fp32 inputs run IEEE dots as FMAs out of registers (no tensor cores), where the tiles above spill kilobytes per
+# thread (ptxas, sm_90, triton 3.8: forward Dh 64 at 128x64x4w 72 KB, the fused backward Dh 128 at 64x64x8w 12 KB).
+# These compile spill-free with triton 3.6, 3.7 and 3.8 (`make check-triton`; dropped: forward Dh 128 32x64x8w, which
+# spills 1.3 KB on triton 3.6 for uniform batches). Triton 3.9's dQ kernel spills in fp32 at every tile tried, 16x16
+# to 64x64. Kernel time unmeasured.
+CONFIGS_FP32 = {
+    "fwd": {64: _configs([(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]),
+            128: _configs([(64, 32, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)])},
+    "dkdv": {64: _configs([(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]),
+             128: _configs([(16, 32, 4, 2), (32, 16, 4, 2)])},
+    "dq": {64: _configs([(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]),
+           128: _configs([(64, 32, 8, 2), (32, 16, 4, 2)])},
+    "fused": {64: _configs([(64, 32, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (32, 16, 4, 2)]),
+              128: _configs([(16, 32, 8, 2), (32, 16, 8, 2), (16, 64, 8, 2)])},
+}
 
 
 def _even(a) -> bool:
@@ -492,7 +507,8 @@ def _even(a) -> bool:
 _KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "fused": _bwd_fused_kernel}
 _PLAIN = {name: triton.heuristics({"EVEN": _even})(fn) for name, fn in _KERNELS.items()}
 _KEY = ["HEAD_DIM", "seq_bucket", "UNIFORM"]  # the autotuner adds every tensor argument's dtype to the key itself
-_TUNED = {(name, d): triton.autotune(cfgs, key=_KEY)(_PLAIN[name]) for name, by_d in CONFIGS.items()
+_TUNED = {(name, d, fp32): triton.autotune(cfgs, key=_KEY)(_PLAIN[name])
+          for fp32, sets in ((False, CONFIGS), (True, CONFIGS_FP32)) for name, by_d in sets.items()
           for d, cfgs in by_d.items()}
 
 
@@ -514,7 +530,7 @@ def _launch(name: str, grid, args: tuple, plan: _Plan, dtype: torch.dtype) -> No
     if best is not None:
         _PLAIN[name][grid](*args, **kw, **best)
         return
-    tuned = _TUNED[(name, 64 if kw["HEAD_DIM"] <= 64 else 128)]
+    tuned = _TUNED[(name, 64 if kw["HEAD_DIM"] <= 64 else 128, dtype == torch.float32)]
     tuned[grid](*args, **kw)
     cfg = getattr(tuned, "best_config", None)
     if cfg is not None:
