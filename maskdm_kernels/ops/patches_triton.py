@@ -52,7 +52,9 @@ def _layout_ok(cu_ptr, batch, T, BLOCK_B: tl.constexpr):
 def _token_valid(ids_ptr, t, t_mask, num_patches, layout_ok):
     """Per token: inside the launch, a patch id in [0, N), and a well-formed cu_seqlens."""
     pid = tl.load(ids_ptr + t, mask=t_mask, other=0)
-    return t_mask & (pid >= 0) & (pid < num_patches) & layout_ok
+    # The scalar layout_ok enters through a comparison (no id is < 0): `tensor & scalar` hands triton 3.9's
+    # interpreter an int32 mask, which its loads refuse. Compiled code is the same either way.
+    return t_mask & (pid >= 0) & (pid < tl.where(layout_ok, num_patches, 0))
 
 
 @triton.jit
@@ -121,7 +123,7 @@ def _scatter_kernel(
     off = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_ob, stride_oc, stride_oh, stride_ow)
     tl.store(Out_ptr + off, val.to(Out_ptr.dtype.element_ty), mask=mask)
     # Error path only: a token with a bad id poisons its sample's image; a bad layout, program 0 every image.
-    bad = t_mask & ~ok & layout_ok
+    bad = (t < tl.where(layout_ok, T, 0)) & ~ok  # t_mask & ~ok & layout_ok, without `tensor & scalar` (see above)
     if tl.sum(bad.to(tl.int32), axis=0) > 0:
         for k in range(0, image_numel, BLOCK_J):
             e = k + j
