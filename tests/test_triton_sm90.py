@@ -65,7 +65,8 @@ def compile_all(every_config: bool = False) -> list[dict]:
 
 @functools.cache
 def _jobs(every_config: bool) -> list[tuple]:
-    """(name, kernel, head_dim, config, uniform flag or the constants of a kernel without products, dtype)."""
+    """(name, kernel, head_dim, config, uniform flag or the constants of a kernel without products, dtype, whether
+    the config is the fixed GPU-test one)."""
     import triton
 
     from maskdm_kernels.ops import varlen_attention_triton as vat
@@ -153,15 +154,13 @@ def _ptxas() -> str:
     return compiler.get_ptxas(90).path
 
 
-def problems(rows: list[dict], triton_version: str | None = None) -> list[str]:
+def problems(rows: list[dict]) -> list[str]:
     """What is wrong with the compiled kernels: a failed compile or ptxas, a bf16 product off the tensor cores, a
     spill. Spills pass in fp32 with the fixed config (the GPU tests run it: it must compile, speed is not the point)
     and fp32 dQ with triton >= 3.9 (it spills at every tile: see ``CONFIGS_FP32``)."""
-    if triton_version is None:
-        import triton
+    import triton
 
-        triton_version = triton.__version__
-    fp32_dq_spills = tuple(int(x) for x in triton_version.split(".")[:2]) >= (3, 9)
+    fp32_dq_spills = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
     out = []
     for row in rows:
         what = f"{row['kernel']} {row['dtype']} Dh {row['head_dim']} uniform={row['uniform']} {row}"
@@ -172,7 +171,7 @@ def problems(rows: list[dict], triton_version: str | None = None) -> list[str]:
         elif row["kernel"] in DOT_KERNELS and row["dtype"] == "bf16" and row["wgmma"] + row["mma"] == 0:
             out.append(f"{what}: no tensor-core instruction in the PTX")
         elif row["spill_bytes"] != 0 and not (row["dtype"] == "fp32" and (
-                row.get("fixed") or (fp32_dq_spills and row["kernel"] == "dq"))):
+                row["fixed"] or (fp32_dq_spills and row["kernel"] == "dq"))):
             out.append(f"{what}: ptxas reports {row['spill_bytes']} bytes of spills")
     return out
 

@@ -28,11 +28,11 @@ dQ accumulated in an fp32 scratch only that program touches, rowsum(dO * O) comp
 ones keep full parallelism with a dK/dV kernel (4 products) and a dQ kernel (3).
 
 Configs: on a GPU the block sizes are autotuned from per-head-dim sets (separate for the forward, dK/dV, dQ and the
-fused backward, and smaller ones for fp32), once per key, then launched straight from the pick; under ``TRITON_INTERPRET=1``
-``INTERPRET_CONFIG`` runs, and with ``MASKDM_TRITON_AUTOTUNE=0``
-``GPU_FIXED_CONFIG``. No tensor-memory-accelerator descriptors: a varlen tile's bounds are per sequence (one
-descriptor per sequence or a 3-D trick), the descriptor API changed across Triton 3.6-3.9 and needs an allocator,
-and the interpreter cannot check it; the loads are plain masked loads that Triton pipelines with cp.async.
+fused backward, and smaller ones for fp32), once per key, then launched straight from the pick; under
+``TRITON_INTERPRET=1`` ``INTERPRET_CONFIG`` runs, and with ``MASKDM_TRITON_AUTOTUNE=0`` ``GPU_FIXED_CONFIG``. No
+tensor-memory-accelerator descriptors: a varlen tile's bounds are per sequence (one descriptor per sequence or a 3-D
+trick), the descriptor API changed across Triton 3.6-3.9 and needs an allocator, and the interpreter cannot check
+it; the loads are plain masked loads that Triton pipelines with cp.async.
 """
 
 from __future__ import annotations
@@ -483,8 +483,9 @@ CONFIGS = {
                             (64, 32, 4, 3)]),
               128: _configs([(32, 64, 8, 2), (64, 32, 4, 2), (32, 128, 8, 2)])},
 }
-# fp32 inputs run IEEE dots as FMAs out of registers (no tensor cores), where the tiles above spill kilobytes per
-# thread (ptxas, sm_90, triton 3.8: forward Dh 64 at 128x64x4w 72 KB, the fused backward Dh 128 at 64x64x8w 12 KB).
+# fp32 inputs run IEEE dots as FMAs out of registers (no tensor cores), where every tile above spills (ptxas, sm_90,
+# triton 3.8, spill stores + loads per thread: 0.7 KB for the fused backward Dh 64 at 64x32x4w3s to 148 KB for the
+# forward Dh 128 at 128x128x8w).
 # These compile spill-free with triton 3.6, 3.7 and 3.8 (`make check-triton`; dropped: forward Dh 128 32x64x8w, which
 # spills 1.3 KB on triton 3.6 for uniform batches). Triton 3.9's dQ kernel spills in fp32 at every tile tried, 16x16
 # to 64x64. Kernel time unmeasured.
