@@ -20,6 +20,7 @@ GatherInputs prepare_gather(const at::Tensor& images, const at::Tensor& ids, con
   const auto device = images.device();
   check_float_tensor(op, "images", images, 4, device);
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  TORCH_CHECK(C >= 1, op, ": images must have at least one channel, got shape ", images.sizes());
   check_patch_size(op, patch_size, H, W);
   check_layout(op, ids, cu_seqlens, device, B);
   GatherInputs in;

@@ -25,6 +25,7 @@ LossInputs prepare_loss(const char* op, const at::Tensor& pred, const at::Tensor
   check_float_tensor(op, "pred", pred, 2, device);
   check_float_tensor(op, "noise", noise, 4, device);
   const int64_t B = noise.size(0), C = noise.size(1), H = noise.size(2), W = noise.size(3);
+  TORCH_CHECK(C >= 1, op, ": noise must have at least one channel, got shape ", noise.sizes());
   check_patch_size(op, patch_size, H, W);
   check_layout(op, ids, cu_seqlens, device, B);
   const int64_t P = patch_size * patch_size * C;

@@ -3,8 +3,9 @@
 // The output is allocated filled (one write pass), then one thread per unit writes the visible values: a
 // unit is a vector of up to 16 bytes along w in the image (row mode for C == 1, col mode for C > 1), read
 // from the token with coalesced (row mode: vector) loads.
-// Bytes moved: writes B*C*H*W values (the fill), reads T*P token values and writes T*P image values.
-// A token with a patch id outside [0, N) makes its sample's image NaN; a malformed cu_seqlens, every image.
+// Bytes moved: writes B*C*H*W values (the fill), reads T*P token values and writes T*P image values; the error
+// pass reads the T ids again. A token with a patch id outside [0, N) makes its sample's image NaN; a malformed
+// cu_seqlens, every image.
 #include <torch/library.h>
 
 #include <cmath>
@@ -22,15 +23,25 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const ScatterArgs<sca
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tok_per_block;
   const int ntok = block_tokens(a.num_tokens, t0, tok_per_block);
   const bool layout_ok = block_layout_ok(a.cu_seqlens, a.batch, a.num_tokens);
-  const bool any_bad = cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g, layout_ok);
+  cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g, layout_ok);
   const int units = a.g.units;
   for (int i = threadIdx.x; i < ntok * units; i += blockDim.x) {
     const int tl = i / units;
     if (cache.ok[tl]) scatter_unit<V>(a, t0 + tl, cache.pos[tl], i - tl * units);
   }
-  if (!any_bad) return;
-  // Error path: an invalid token has nowhere to go, so its sample's image becomes NaN; a malformed cu_seqlens,
-  // every image (block 0). The output is contiguous: image b is [b * so.b, (b + 1) * so.b).
+}
+
+// Error path, a second launch on the same stream (so after every valid write of scatter_kernel: within one launch
+// another block, or another warp of the same block, could still write a valid pixel into an image made NaN). An
+// invalid token has nowhere to go, so its sample's image becomes NaN; a malformed cu_seqlens, every image (block
+// 0). Without a bad token a block reads its ids and exits. The output is contiguous: image b is [b * so.b, ...).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) scatter_poison_kernel(const ScatterArgs<scalar_t> a, int tok_per_block) {
+  __shared__ TokenCache cache;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tok_per_block;
+  const int ntok = block_tokens(a.num_tokens, t0, tok_per_block);
+  const bool layout_ok = block_layout_ok(a.cu_seqlens, a.batch, a.num_tokens);
+  if (!cache_tokens(cache, a.ids, a.cu_seqlens, t0, ntok, a.batch, a.g, layout_ok)) return;
   const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
   const int64_t image = a.so.b;
   if (!layout_ok) {  // no token was written anywhere
@@ -65,6 +76,8 @@ at::Tensor scatter_patches_cuda(const at::Tensor& tokens, const at::Tensor& ids,
       scatter_kernel<decltype(v)::value, scalar_t><<<blocks, kThreads, 0, stream>>>(scatter_args<scalar_t>(in), tpb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    scatter_poison_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(scatter_args<scalar_t>(in), tpb);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return in.out;
 }

@@ -135,6 +135,7 @@ BAD = [
     (lambda x, v: mk.gather_patches(x, v, 2, noise=x, noise_scale=torch.ones(2)), "noise_scale"),
     (lambda x, v: mk.gather_patches(x, v, 2, signal_scale=torch.ones(3, 1)), "signal_scale"),
     (lambda x, v: mk.gather_patches(x, v, 2, noise_scale=torch.ones(3)), "noise_scale"),
+    (lambda x, v: mk.gather_patches(x[:, :0], v, 2), "images"),
 ]
 
 

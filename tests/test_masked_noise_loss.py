@@ -92,7 +92,20 @@ BAD = [
     (lambda pr, n, v: mk.masked_noise_loss(pr, n, v, 2, weight=torch.ones(2)), "weight"),
     (lambda pr, n, v: mk.masked_noise_loss(pr, n, v, 2, weight=torch.ones(3, dtype=torch.int64)), "weight"),
     (lambda pr, n, v: mk.masked_noise_loss(pr.to("meta"), n, v, 2), "pred"),
+    (lambda pr, n, v: mk.masked_noise_loss(pr[:, :0], n[:, :0], v, 2), "noise"),
 ]
+
+
+@pytest.mark.parametrize("op", ["masked_noise_loss_kernel", "masked_noise_loss_backward_kernel"])
+def test_compiled_loss_rejects_zero_channels(op):
+    # Called directly (no Python checks): C = 0 is a named error, not a division by zero in the launch plan.
+    skip_unless_available("masked_noise_loss", "cpu", "cpu", torch.float32)
+    vis = make_visible("uniform", 3, 16, "cpu")
+    args = (torch.randn(vis.total, 0), torch.randn(3, 0, 8, 8), vis.ids, vis.cu_seqlens, 2, None)
+    if op.endswith("backward_kernel"):
+        args = (torch.tensor(1.0), *args)
+    with pytest.raises(RuntimeError, match="noise must have at least one channel"):
+        getattr(torch.ops.maskdm, op)(*args)
 
 
 @pytest.mark.parametrize("call,arg", BAD, ids=[f"{i}-{a}" for i, (_, a) in enumerate(BAD)])

@@ -69,9 +69,33 @@ def test_invalid_patch_id_gives_nan_rows_or_a_named_error(device, name, bad_id):
     assert torch.equal(out[good], expected[good])
     assert torch.isfinite(grad[good]).all()
     # Scatter: the token has nowhere to go, so its sample's image is NaN; the other samples are untouched.
-    assert torch.isnan(img[1]).any()
+    assert torch.isnan(img[1]).all()
     expected_img = ref.scatter_patches_ref(tokens, ok_vis.ids, ok_vis.cu_seqlens, p, (B, C, H, W))
     assert torch.equal(img[[0, 2]], expected_img[[0, 2]])
+
+
+@pytest.mark.parametrize("device,name", BACKENDS)
+def test_scatter_bad_id_poisons_an_image_that_spans_many_blocks(device, name):
+    # Sample 0 keeps all 1024 patches of a 64x64 image (16 Triton programs, 4+ CUDA blocks), its first id bad: the
+    # image must come back all NaN, so no later program's valid pixels may land after the NaN (programs run in
+    # order under the interpreter, concurrently on a GPU: the poison is a second launch).
+    skip_unless_available("scatter_patches", name, device, torch.float32)
+    n = (64 // p) ** 2
+    ids = list(range(n)) + [5, 7]
+    ids[0] = n
+    vis = mk.Visible(torch.tensor(ids, dtype=torch.int32, device=device),
+                     torch.tensor([0, n, n + 2], dtype=torch.int32, device=device), n, n, False)
+    tokens = torch.randn(n + 2, P, generator=torch.Generator().manual_seed(0)).to(device)
+    with mk.backend(name):
+        if name == "cpu":
+            with pytest.raises(ValueError, match=r"ids holds a patch id outside"):
+                mk.scatter_patches(tokens, vis, p, 64)
+            return
+        img = mk.scatter_patches(tokens, vis, p, 64)
+    assert torch.isnan(img[0]).all()
+    expected = ref.scatter_patches_ref(tokens[n:], vis.ids[n:].contiguous(),
+                                       torch.tensor([0, 0, 2], dtype=torch.int32, device=device), p, (2, C, 64, 64))
+    assert torch.equal(img[1], expected[1])
 
 
 BAD_CU = {

@@ -4,7 +4,7 @@ Checks what can be checked without a GPU: each attention kernel compiles for ``G
 (the paper's dtype) with its first Hopper config per head-dim class and the fixed one the GPU tests run, its matrix
 products run on the tensor cores (``wgmma`` or ``mma`` in the PTX) and ptxas reports no register spills; in fp32
 (IEEE dots: FMAs, no tensor cores) it compiles spill-free with its first fp32 config, and compiles with the fixed
-one; the schedule, preprocess and patch (gather, scatter, loss) kernels compile spill-free too. The compile runs in a
+one; the schedule, preprocess and patch (gather, scatter and its error pass, loss) kernels compile spill-free too. The compile runs in a
 subprocess without ``TRITON_INTERPRET`` (conftest sets it for this process, and interpreted kernels cannot be
 compiled). ``python tests/test_triton_sm90.py [--all] [--check]`` prints the table (``--all``: every attention
 config of every set; ``--check``: exit 1 on a failed compile, a product off the tensor cores or a spill).
@@ -143,7 +143,8 @@ def _patch_jobs() -> list:
                          "bf16", False))
             jobs += [("loss", pt._loss_kernel, 0, cfg, {**g, "HAS_WEIGHT": on, "BACKWARD": bwd}, "bf16", False)
                      for bwd in (0, 1)]
-        jobs.append(("scatter", pt._scatter_kernel, 0, cfg, g, "bf16", False))
+        jobs += [("scatter", pt._scatter_kernel, 0, cfg, g, "bf16", False),
+                 ("scatter_poison", pt._scatter_poison_kernel, 0, cfg, g, "bf16", False)]
     return jobs
 
 
@@ -204,8 +205,8 @@ def test_sm90_tensor_cores_no_spills():
                        text=True, env=env, cwd=root, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    # (bf16, fp32) x (first config, fixed) x (Dh 64, 128) x uniform; schedule x 2, preprocess; patch kernels x 14
-    assert len(rows) == 2 * 2 * 2 * 2 * len(DOT_KERNELS) + 3 + 14
+    # (bf16, fp32) x (first config, fixed) x (Dh 64, 128) x uniform; schedule x 2, preprocess; patch kernels x 16
+    assert len(rows) == 2 * 2 * 2 * 2 * len(DOT_KERNELS) + 3 + 16
     assert not problems(rows), "\n".join(problems(rows))
 
 

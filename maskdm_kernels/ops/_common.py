@@ -52,6 +52,13 @@ def check_float(op: str, arg: str, t, dim: int | None = None) -> None:
         fail(op, arg, f"must be {dim}-D, got shape {tuple(t.shape)}")
 
 
+def check_images(op: str, arg: str, t) -> None:
+    """A ``(B, C, H, W)`` float tensor with at least one channel (C = 0 has no pixel to read: no loss to average)."""
+    check_float(op, arg, t, 4)
+    if t.shape[1] < 1:
+        fail(op, arg, f"must have at least one channel, got shape {tuple(t.shape)}")
+
+
 def check_patch_size(op: str, patch_size, height: int, width: int, arg: str = "patch_size") -> None:
     if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
         fail(op, arg, f"must be a positive int, got {patch_size!r}", TypeError)

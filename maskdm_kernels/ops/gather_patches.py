@@ -11,6 +11,7 @@ from ..layout import Visible
 from ._common import (
     FLOAT_DTYPES,
     check_float,
+    check_images,
     check_num_patches,
     check_patch_size,
     check_per_sample,
@@ -130,9 +131,9 @@ def _usual(images, vis, p, noise, signal_scale, noise_scale) -> bool:
     if not (isinstance(images, Tensor) and type(vis) is Visible and type(p) is int and p > 0
             and images.dtype in FLOAT_DTYPES and images.dim() == 4):
         return False
-    B, _C, H, W = images.shape
+    B, C, H, W = images.shape
     dev = images.device
-    if (H % p or W % p or vis.num_patches != (H // p) * (W // p) or vis.cu_seqlens.shape[0] != B + 1
+    if (C < 1 or H % p or W % p or vis.num_patches != (H // p) * (W // p) or vis.cu_seqlens.shape[0] != B + 1
             or vis.ids.device != dev):
         return False
     if noise is None:
@@ -148,7 +149,7 @@ def _usual(images, vis, p, noise, signal_scale, noise_scale) -> bool:
 def _check(images, vis, patch_size, noise, signal_scale, noise_scale) -> None:
     if _usual(images, vis, patch_size, noise, signal_scale, noise_scale):
         return
-    check_float(OP, "images", images, 4)
+    check_images(OP, "images", images)
     B, _C, H, W = images.shape
     check_patch_size(OP, patch_size, H, W)
     check_visible(OP, vis, images.device, B)

@@ -19,6 +19,7 @@ from ..layout import Visible
 from ._common import (
     FLOAT_DTYPES,
     check_float,
+    check_images,
     check_num_patches,
     check_patch_size,
     check_per_sample,
@@ -130,7 +131,7 @@ def _usual(pred, noise, vis, p, weight) -> bool:
         return False
     B, C, H, W = noise.shape
     dev = noise.device
-    return (not (H % p or W % p) and vis.num_patches == (H // p) * (W // p) and vis.cu_seqlens.shape[0] == B + 1
+    return (C > 0 and not (H % p or W % p) and vis.num_patches == (H // p) * (W // p) and vis.cu_seqlens.shape[0] == B + 1
             and vis.ids.device == dev and pred.device == dev and pred.shape == (vis.ids.shape[0], p * p * C)
             and (weight is None or (isinstance(weight, Tensor) and weight.dtype in FLOAT_DTYPES and weight.dim() == 1
                                     and weight.shape[0] == B and weight.device == dev)))
@@ -138,7 +139,7 @@ def _usual(pred, noise, vis, p, weight) -> bool:
 
 def _check(pred, noise, vis, patch_size, weight) -> None:
     check_float(OP, "pred", pred, 2)
-    check_float(OP, "noise", noise, 4)
+    check_images(OP, "noise", noise)
     B, C, H, W = noise.shape
     check_patch_size(OP, patch_size, H, W)
     check_visible(OP, vis, noise.device, B)

@@ -105,14 +105,12 @@ def _gather_kernel(
 @triton.jit
 def _scatter_kernel(
     Tok_ptr, Out_ptr, ids_ptr, cu_ptr,
-    T, batch, n_steps, p, C, Wp, PPC, num_patches, image_numel,
+    T, batch, n_steps, p, C, Wp, PPC, num_patches,
     stride_tt, stride_tj, stride_ob, stride_oc, stride_oh, stride_ow,
     BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # Bytes: reads T*P tokens, writes T*P pixels (the fill of masked pixels is done by the caller's allocation).
-    # Out is contiguous (B, C, H, W): image b is [b * image_numel, (b + 1) * image_numel).
-    pid_t = tl.program_id(0)
-    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, BLOCK_J)
     t_mask = t < T
     layout_ok = _layout_ok(cu_ptr, batch, T, BLOCK_B)
@@ -122,9 +120,24 @@ def _scatter_kernel(
     val = tl.load(Tok_ptr + t[:, None] * stride_tt + j[None, :] * stride_tj, mask=mask, other=0.0)
     off = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_ob, stride_oc, stride_oh, stride_ow)
     tl.store(Out_ptr + off, val.to(Out_ptr.dtype.element_ty), mask=mask)
-    # Error path only: a token with a bad id poisons its sample's image; a bad layout, program 0 every image.
-    bad = (t < tl.where(layout_ok, T, 0)) & ~ok  # t_mask & ~ok & layout_ok, without `tensor & scalar` (see above)
+
+
+@triton.jit
+def _scatter_poison_kernel(
+    Out_ptr, ids_ptr, cu_ptr, T, batch, n_steps, num_patches, image_numel,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    # Error path, launched after _scatter_kernel on the same stream: inside one launch another program (or another
+    # warp of the same one) could still store a valid pixel into an image made NaN. A token with a bad id poisons
+    # its sample's image; a bad layout, program 0 every image. Without one, a program reads its ids and exits.
+    pid_t = tl.program_id(0)
+    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.arange(0, BLOCK_J)
+    layout_ok = _layout_ok(cu_ptr, batch, T, BLOCK_B)
+    ok = _token_valid(ids_ptr, t, t < T, num_patches, layout_ok)
+    bad = (t < tl.where(layout_ok, T, 0)) & ~ok  # t < T & ~ok & layout_ok, without `tensor & scalar` (see above)
     if tl.sum(bad.to(tl.int32), axis=0) > 0:
+        b = _token_sample(cu_ptr, t, batch, n_steps)
         for k in range(0, image_numel, BLOCK_J):
             e = k + j
             tl.store(Out_ptr + b[:, None] * image_numel + e[None, :], float("nan"),
@@ -228,10 +241,12 @@ def scatter_patches(tokens, ids, cu_seqlens, patch_size, image_size, fill=0.0):
     T, batch, C, Wp, ppc, n_patches, launch = _meta(image_size, ids, cu_seqlens, patch_size)
     if T == 0:
         return out.masked_fill_(_empty_layout_nan(cu_seqlens), float("nan"))
-    _scatter_kernel[(triton.cdiv(T, launch["BLOCK_T"]),)](
-        tokens, out, ids, cu_seqlens, T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches, C * H * W,
+    grid = (triton.cdiv(T, launch["BLOCK_T"]),)
+    _scatter_kernel[grid](
+        tokens, out, ids, cu_seqlens, T, batch, _search_steps(batch), patch_size, C, Wp, ppc, n_patches,
         *tokens.stride(), *out.stride(), **launch,
     )
+    _scatter_poison_kernel[grid](out, ids, cu_seqlens, T, batch, _search_steps(batch), n_patches, C * H * W, **launch)
     return out
 
 
