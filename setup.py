@@ -3,7 +3,7 @@
 Environment:
   MASKDM_SKIP_BUILD=1   build nothing (the package still works through its Triton and torch backends)
   MASKDM_FORCE_CUDA=1   compile the CUDA sources with no visible GPU (CI proves they compile and link)
-  TORCH_CUDA_ARCH_LIST  archs to compile for; default: the visible GPU's, else "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST  archs to compile for; default: the visible GPU's, else "8.0;9.0+PTX"
   MAX_JOBS              parallel compile jobs (read by torch.utils.cpp_extension)
 """
 
@@ -81,7 +81,7 @@ def default_arch_list(torch) -> str:
     if torch.cuda.is_available():
         archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
         return ";".join(archs)
-    return "8.0;9.0"
+    return "8.0;9.0+PTX"  # no GPU to ask: Ampere and Hopper cubins, and PTX later GPUs compile at load
 
 
 def build_ext_class(cpp_extension):

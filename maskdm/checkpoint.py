@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["CheckpointError", "find_checkpoint", "list_checkpoints", "load_into", "load_state", "load_weights",
-           "newest_verified", "save_checkpoint", "verify_checkpoint"]
+__all__ = ["CheckpointError", "find_checkpoint", "list_checkpoints", "load_into", "load_optimizer_state", "load_state",
+           "load_weights", "newest_verified", "save_checkpoint", "verify_checkpoint"]
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 MANIFEST = "manifest.json"
@@ -225,6 +225,25 @@ def load_into(model: nn.Module, state_dict: dict, source: str | Path) -> None:
             raise CheckpointError(f"{source} does not fit this model: {k} has shape {tuple(state_dict[k].shape)} "
                                   f"there, {tuple(v.shape)} in the model built from this config")
     model.load_state_dict(state_dict)
+
+
+# How an optimizer runs, not what it learned: a resumed run keeps its own (a checkpoint from a CPU run carries
+# fused=None, one from a captured step capturable=True and a device-tensor lr).
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping ``optimizer``'s implementation flags and its (float) lr.
+
+    ``load_state_dict`` replaces every param group with the saved one, so a CPU run's checkpoint resumed on a GPU
+    would run foreach AdamW with its step counters on the host (and a captured step then fails its capturable
+    check). The step counters follow the flags kept: on the parameter's device, float32, when fused or
+    capturable."""
+    groups = [{**saved, **{k: own[k] for k in _IMPLEMENTATION if k in own}, "lr": own["lr"]}
+              for saved, own in zip(state["param_groups"], optimizer.param_groups)]
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        groups = state["param_groups"]  # load_state_dict names the mismatch
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def load_state(ckpt: str | Path) -> dict:

@@ -177,7 +177,7 @@ class TrainStep:
                                                                             dynamic=False)
         self.compiles = self.recompiles = self.graph_breaks = self._calls = 0
         self._pad_cache: dict[int, tuple[Tensor, Tensor]] = {}
-        self._graph = None
+        self._graph = self._side = None
         self._warm = 0
 
     def compile_stats(self) -> dict:
@@ -262,7 +262,9 @@ class TrainStep:
         self._ema_w.fill_(1.0 - ema_decay)
         if self._graph is None and self._warm < _GRAPH_WARMUP:
             self._warm += 1
-            side = torch.cuda.Stream()
+            if self._side is None:  # one side stream: freed warm-up blocks stay in its allocator pool for the next
+                self._side = torch.cuda.Stream()
+            side = self._side
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.optimizer.zero_grad(set_to_none=True)

@@ -246,7 +246,7 @@ def _begin_stage(run: _Run, si: int, stage: StageConfig, stop: StopFlag, on_step
                                   weight_decay=stage.weight_decay, fused=d.device.type == "cuda" or None)
     if not fresh:
         try:
-            optimizer.load_state_dict(run.opt_state)
+            ckpt_io.load_optimizer_state(optimizer, run.opt_state)
         except (ValueError, KeyError, RuntimeError) as e:
             raise ckpt_io.CheckpointError(f"{run.resumed_from / 'state.pt'}: its optimizer state does not fit this "
                                           f"model and stage ({' '.join(str(e).split())})") from None

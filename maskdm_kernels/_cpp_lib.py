@@ -4,6 +4,7 @@ A missing or broken extension only makes the ``cpu`` and ``cuda`` backends unava
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 _C = None
@@ -47,3 +48,36 @@ def unavailable_reason() -> str | None:
     if not info.get("built", False):
         return f"the C++/CUDA extension was not built ({info.get('reason', 'unknown reason')})"
     return f"the C++/CUDA extension failed to load ({LOAD_ERROR})"
+
+
+def arch_reason(archs: str | None, capability: tuple[int, int]) -> str | None:
+    """Why CUDA kernels built for ``archs`` (``TORCH_CUDA_ARCH_LIST`` form: ``"8.0;9.0+PTX"``) cannot run on a GPU
+    of compute ``capability``, or None. A cubin runs on its major with an equal or higher minor (``9.0a`` on 9.0
+    only, ``10.0f`` on 10.x); PTX is compiled by the driver for its own arch or any later one. Unknown ``archs``: None (cannot tell)."""
+    if not archs:
+        return None
+    for entry in archs.replace(",", ";").replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        base = entry.removesuffix("+PTX")
+        specific = base.endswith("a")  # sm_90a: that exact GPU; sm_100f: its family, like a plain cubin
+        try:
+            major, minor = (int(x) for x in base.rstrip("af").split("."))
+        except ValueError:
+            return None  # a form this check does not know: let the launch decide
+        if (major, minor) == capability or (major == capability[0] and minor <= capability[1] and not specific):
+            return None
+        if ptx and (major, minor) <= capability:
+            return None
+    return (f"the CUDA kernels were built for {archs}, which has no code an sm_{capability[0]}{capability[1]} GPU "
+            f"runs (rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]})")
+
+
+@functools.cache
+def device_arch_reason(index: int) -> str | None:
+    """``arch_reason`` for CUDA device ``index`` and this build (cached: one capability query per device)."""
+    import torch
+
+    return arch_reason(build_info().get("cuda_archs"), torch.cuda.get_device_capability(index))

@@ -26,8 +26,14 @@ _REGISTRY: dict[str, dict[str, tuple[Callable, Callable[..., list[str]] | None]]
 # has been verified on a GPU and a committed benchmark in benchmarks/results/ shows it faster.
 # H100, bf16, B 256 x 3 x 256 x 256, p 4, block-4 masks at 50% / 90% (2026-11-28-nvidia-h100-80gb-hbm3.md; the
 # GPU tests of both backends passed on it): gather+noise CUDA 0.097 / 0.038 ms vs Triton 0.223 / 0.162; loss
-# fwd+bwd 0.53 / 0.75 vs 1.01 / 0.88; scatter 0.136 / 0.065 vs 0.150 / 0.071. So CUDA first for the patch ops.
-_PATCH_GPU_ORDER = ("cuda", "triton", "torch")
+# fwd+bwd 0.53 / 0.75 vs 1.01 / 0.88; scatter 0.136 / 0.065 vs 0.150 / 0.071. So CUDA first for the patch ops,
+# once verified: the CUDA kernels changed after that run (013d35d: per-token id and cu_seqlens checks in the path
+# every token takes; 29f2cab: the scatter's error pass) and have not run on a GPU since, while CI verifies the
+# Triton kernels under the interpreter. DESIGN lets no unverified kernel lead `auto`: Triton leads until the GPU
+# patch tests pass at a commit with these kernels (then set CUDA_PATCHES_VERIFIED_ON_GPU).
+CUDA_PATCHES_VERIFIED_ON_GPU = False
+_PATCH_MEASURED_ORDER = ("cuda", "triton", "torch")
+_PATCH_GPU_ORDER = _PATCH_MEASURED_ORDER if CUDA_PATCHES_VERIFIED_ON_GPU else ("triton", "cuda", "torch")
 
 
 class _Orders(dict):
@@ -130,6 +136,10 @@ def not_supported_reasons(op: str, name: str, device: torch.device, dtype: torch
         elif not _cpp_lib.has_cuda_kernels():
             why = _cpp_lib.build_info().get("cuda_skip_reason") or "unknown reason"
             reasons.append(f"the extension was built without CUDA kernels ({why})")
+        elif device.type == "cuda" and torch.cuda.is_available():
+            why = _cpp_lib.device_arch_reason(device.index if device.index is not None else torch.cuda.current_device())
+            if why:
+                reasons.append(why)
         if device.type != "cuda":
             reasons.append(f"the cuda backend needs CUDA tensors, got {device.type} tensors")
     elif name == "cpu":

@@ -70,7 +70,8 @@ def attention_rules() -> list[str]:
              (f"  attention (B, N, H, Dh): {' > '.join(dispatch.GPU_ORDER[at.OP])} (SDPA ahead on every uniform"
               " fwd+bwd of the H100 run of 2026-11-28; Triton ahead by <= 4% on two long forwards)")]
     classes = {"uniform-short": f"uniform, max_seqlen <= {va.SHORT_UNIFORM}",
-               "uniform-long": f"uniform, max_seqlen > {va.SHORT_UNIFORM}", "varlen": "varlen (lengths differ)"}
+               "uniform-long": f"uniform, max_seqlen > {va.SHORT_UNIFORM}", "varlen": "varlen (lengths differ)",
+               "varlen-many": f"varlen, more than {va.TRITON_MAX_VARLEN_BATCH} sequences (Triton declines)"}
     for cls, desc in classes.items():
         fwd, bwd = va.AUTO_ORDER[(va.OP, cls)], va.AUTO_ORDER[(va.OP_BWD, cls)]
         if det:

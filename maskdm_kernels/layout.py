@@ -33,6 +33,8 @@ class Visible:
             raise ValueError("Visible: cu_seqlens must have B + 1 >= 1 entries, got 0")
         if ids.device != cu_seqlens.device:
             raise ValueError(f"Visible: ids is on {ids.device} but cu_seqlens is on {cu_seqlens.device}")
+        if cu_seqlens.numel() == 1 and ids.numel():  # known from shapes: no value of cu_seqlens can hold them
+            raise ValueError(f"Visible: cu_seqlens has one entry (B = 0) but ids holds {ids.numel()} tokens")
         if not isinstance(num_patches, int) or num_patches < 1:
             raise ValueError(f"Visible: num_patches must be a positive int, got {num_patches!r}")
         if not isinstance(max_seqlen, int) or max_seqlen < 0 or max_seqlen > num_patches:

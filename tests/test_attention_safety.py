@@ -178,3 +178,20 @@ def test_schedule_longest_first():
         assert table == [sum(blocks[:i]) for i in range(B + 1)], block
     vt._schedule_kernel[(1,)](cu, sched, B, 106, BLOCK_B=16)
     assert sched[0] == 0
+
+
+@NEEDS_TRITON
+def test_triton_declines_a_varlen_batch_past_its_schedule():
+    # One more sequence than the one-program schedule sorts: the triton backend says why (auto goes on to flash or
+    # torch), before any launch.
+    from maskdm_kernels.ops import varlen_attention as va
+
+    n = va.TRITON_MAX_VARLEN_BATCH + 1
+    lengths = torch.full((n,), 2, dtype=torch.int32)
+    lengths[-1] = 1
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0, dtype=torch.int32)])
+    q, k, v = _qkv(int(lengths.sum()))
+    assert va.shape_class(q.shape[0], n, 2) == "varlen-many"
+    assert va.shape_class(q.shape[0] - n, n - 1, 2) == "varlen"
+    with mk.backend("triton"), pytest.raises(RuntimeError, match=f"more than {n - 1} sequences"):
+        mk.varlen_attention(q, k, v, cu, 2)

@@ -183,3 +183,29 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     assert said and f"stale lock of pid {p.pid}" in said[0]
     assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_resumed_optimizer_keeps_its_own_implementation_and_lr():
+    # A checkpoint from a captured step (capturable, a tensor lr) or a CPU run (fused=None) resumed with fused
+    # AdamW: load_state_dict alone would take the saved group's flags; load_optimizer_state keeps this run's.
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    saved_opt = torch.optim.AdamW([w], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    saved_opt.step()
+    state = saved_opt.state_dict()
+    state["param_groups"][0].update(capturable=True, lr=torch.tensor(1e-3))
+    plain = torch.optim.AdamW([w], lr=2e-3, fused=True)
+    plain.load_state_dict(state)
+    assert plain.param_groups[0]["fused"] is None  # the behaviour worked around
+    opt = torch.optim.AdamW([w], lr=2e-3, fused=True)
+    C.load_optimizer_state(opt, state)
+    g = opt.param_groups[0]
+    assert g["fused"] is True and g["capturable"] is False and g["lr"] == 2e-3 and isinstance(g["lr"], float)
+    assert opt.state[w]["step"].dtype == torch.float32 and opt.state[w]["step"].item() == 1
+    assert torch.equal(opt.state[w]["exp_avg"], saved_opt.state[w]["exp_avg"])
+    opt.step()  # fused AdamW runs on the restored state
+    assert opt.state[w]["step"].item() == 2
+    with pytest.raises(ValueError, match="parameter groups"):
+        C.load_optimizer_state(torch.optim.AdamW([{"params": [w]}, {"params": [torch.nn.Parameter(torch.ones(1))]}]),
+                               state)

@@ -12,7 +12,7 @@ import torch
 import maskdm_kernels as mk
 from maskdm_kernels import reference as ref
 
-from .utils import BACKENDS, skip_unless_available
+from .utils import BACKENDS, DEVICES, skip_unless_available
 
 B, C, H, W, p = 3, 3, 8, 8, 2
 N, P = (H // p) * (W // p), p * p * C
@@ -137,6 +137,23 @@ def test_no_token_with_a_malformed_cu_seqlens_is_nan(device, name):
     with mk.backend(name):
         assert torch.isnan(mk.masked_noise_loss(empty, noise, vis, p))
         assert torch.isnan(mk.scatter_patches(empty, vis, p, H)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_kernels_with_an_empty_batch_but_tokens_read_nothing_per_sample(device):
+    # Visible refuses B = 0 with T > 0 (shapes alone), but the kernels take raw tensors: every per-sample load
+    # (scales, weight, cu_seqlens[b + 1]) is masked by the token check, so the (0,) tensors are never read.
+    skip_unless_available("gather_patches", "triton", device, torch.float32)
+    from maskdm_kernels.ops import patches_triton as pt
+
+    ids, cu = torch.tensor([0, 1], dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    x, none = torch.randn(0, C, H, W, device=device), torch.zeros(0, device=device)
+    pred = torch.randn(2, P, device=device)
+    assert torch.isnan(pt.gather_patches(x, ids, cu, p, x, none, none)).all()
+    assert torch.isnan(pt.masked_noise_loss(pred, x, ids, cu, p, none))
+    assert torch.isnan(pt.masked_noise_loss_backward(torch.ones((), device=device), pred, x, ids, cu, p, none)).all()
+    with pytest.raises(ValueError, match=r"cu_seqlens has one entry \(B = 0\) but ids holds 2 tokens"):
+        mk.Visible(ids, cu, 1, N, False)
 
 
 @pytest.mark.parametrize("device,name", BACKENDS)

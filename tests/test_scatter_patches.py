@@ -62,6 +62,7 @@ BAD = [
     (lambda t, v: mk.scatter_patches(t.long(), v, 2, 8), "tokens"),
     (lambda t, v: mk.scatter_patches(t[:, :11], v, 2, 8), "tokens"),
     (lambda t, v: mk.scatter_patches(t[1:], v, 2, 8), "tokens"),
+    (lambda t, v: mk.scatter_patches(t[:, :0], v, 2, 8), "tokens"),
     (lambda t, v: mk.scatter_patches(t, v, 3, 9), "vis.num_patches"),
     (lambda t, v: mk.scatter_patches(t, v, 3, 8), "patch_size"),
     (lambda t, v: mk.scatter_patches(t, v, 2, (8,)), "image_size"),

@@ -322,7 +322,9 @@ def test_auto_order_per_shape_class(monkeypatch, deterministic):
     monkeypatch.setattr(dispatch, "not_supported_reasons", lambda *a, **k: [])
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     # Until the flash backend has passed the GPU tests, Triton leads every class; then the measured order applies.
-    assert op.FLASH_VERIFIED_ON_GPU or all(order[0] == "triton" for order in op.AUTO_ORDER.values())
+    # (A varlen batch past the Triton schedule's size has torch, the reference, first instead.)
+    assert op.FLASH_VERIFIED_ON_GPU or all(order[0] == ("torch" if cls == "varlen-many" else "triton")
+                                           for (_, cls), order in op.AUTO_ORDER.items())
     monkeypatch.setattr(op, "AUTO_ORDER", op.MEASURED_ORDER)
     op._CHOICE.clear()
     cuda = torch.device("cuda")

@@ -63,6 +63,7 @@ def _pixel_offsets(ids_ptr, t, t_mask, j, b, p, C, Wp, stride_b, stride_c, strid
     pid = tl.load(ids_ptr + t, mask=t_mask, other=0).to(tl.int64)
     row = pid // Wp
     col = pid - row * Wp
+    j = j.to(tl.int64)  # c * stride_c passes 2^31 for a channel-major view of a large batch
     p1 = j // (p * C)
     p2 = (j // C) % p
     c = j % C
@@ -91,12 +92,12 @@ def _gather_kernel(
     off_x = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_xb, stride_xc, stride_xh, stride_xw)
     val = tl.load(X_ptr + off_x, mask=mask, other=0.0).to(tl.float32)
     if HAS_SS:
-        val = val * tl.load(SS_ptr + b, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        val = val * tl.load(SS_ptr + b, mask=ok, other=0.0).to(tl.float32)[:, None]
     if HAS_NOISE:
         off_n = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_nb, stride_nc, stride_nh, stride_nw)
         n = tl.load(Noise_ptr + off_n, mask=mask, other=0.0).to(tl.float32)
         if HAS_NS:
-            n = n * tl.load(NS_ptr + b, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+            n = n * tl.load(NS_ptr + b, mask=ok, other=0.0).to(tl.float32)[:, None]
         val = val + n
     val = tl.where(ok[:, None], val, float("nan"))
     tl.store(Out_ptr + t[:, None] * PPC + j[None, :], val.to(Out_ptr.dtype.element_ty), mask=store_mask)
@@ -143,9 +144,10 @@ def _scatter_poison_kernel(
             tl.store(Out_ptr + b[:, None] * image_numel + e[None, :], float("nan"),
                      mask=bad[:, None] & (e < image_numel)[None, :])
     if (pid_t == 0) & ~layout_ok:
-        for k in range(0, batch * image_numel, BLOCK_J):
+        total = tl.cast(batch, tl.int64) * image_numel  # B*C*H*W may pass 2^31
+        for k in range(0, total, BLOCK_J):
             e = k + j
-            tl.store(Out_ptr + e, float("nan"), mask=e < batch * image_numel)
+            tl.store(Out_ptr + e, float("nan"), mask=e < total)
 
 
 @triton.jit
@@ -168,10 +170,11 @@ def _loss_kernel(
     store_mask = t_mask[:, None] & (j < PPC)[None, :]
     mask = ok[:, None] & store_mask
     b = _token_sample(cu_ptr, t, batch, n_steps)
-    length = tl.load(cu_ptr + b + 1, mask=t_mask, other=1) - tl.load(cu_ptr + b, mask=t_mask, other=0)
+    # Per-sample loads under ok: with B = 0 (cu_seqlens [0], never ok) b + 1 and the (0,) weight are out of bounds.
+    length = tl.load(cu_ptr + b + 1, mask=ok, other=1) - tl.load(cu_ptr + b, mask=ok, other=0)
     scale = 1.0 / (tl.maximum(length, 1).to(tl.float32) * PPC * batch)
     if HAS_WEIGHT:
-        scale = scale * tl.load(W_ptr + b, mask=t_mask, other=0.0).to(tl.float32)
+        scale = scale * tl.load(W_ptr + b, mask=ok, other=0.0).to(tl.float32)
     scale = tl.where(ok | ~t_mask, scale, float("nan"))  # an invalid token: NaN loss and NaN gradient row
     off_n = _pixel_offsets(ids_ptr, t, ok, j, b, p, C, Wp, stride_nb, stride_nc, stride_nh, stride_nw)
     target = tl.load(Noise_ptr + off_n, mask=mask, other=0.0).to(tl.float32)

@@ -106,7 +106,7 @@ def _usual(tokens, vis, p, image_size) -> bool:
     H, W = image_size
     return (type(H) is int and type(W) is int and H > 0 and W > 0 and not (H % p or W % p)
             and vis.num_patches == (H // p) * (W // p) and vis.ids.device == tokens.device
-            and not tokens.shape[1] % (p * p) and tokens.shape[0] == vis.ids.shape[0])
+            and tokens.shape[1] > 0 and not tokens.shape[1] % (p * p) and tokens.shape[0] == vis.ids.shape[0])
 
 
 def _check(tokens, vis, patch_size, image_size) -> None:
@@ -119,8 +119,8 @@ def _check(tokens, vis, patch_size, image_size) -> None:
     check_visible(OP, vis, tokens.device)
     check_num_patches(OP, vis, patch_size, H, W)
     P = tokens.shape[1]
-    if P % (patch_size * patch_size):
-        fail(OP, "tokens", f"last dim {P} is not a multiple of patch_size**2={patch_size ** 2}")
+    if P % (patch_size * patch_size) or P == 0:
+        fail(OP, "tokens", f"last dim {P} is not a positive multiple of patch_size**2={patch_size ** 2} (p*p*C, C >= 1)")
     if tokens.shape[0] != vis.total:
         fail(OP, "tokens", f"has {tokens.shape[0]} rows but vis keeps {vis.total} tokens")
 

@@ -40,6 +40,10 @@ _HEAD_DIMS = frozenset(range(8, 129, 8))
 # The Triton kernels have changed since (5-product backward, one-loop forward, longest-first grid): unmeasured;
 # the GPU suite re-decides these rows.
 SHORT_UNIFORM = 512
+# The Triton schedule sorts a varlen batch's sequences in one program: at 32768 its sort needs more shared memory
+# than an sm_90 block has (131 KB at 16384, 42 KB of spills; ptxas, triton 3.6). Larger batches: the
+# `varlen-many` class, which the Triton backend declines.
+TRITON_MAX_VARLEN_BATCH = 16384
 # The order those numbers call for. The flash backend's own code (argument plumbing, lse layout shared with the
 # Triton forward) has not yet run on a GPU, and DESIGN lets no unverified kernel lead `auto`: until the GPU tests
 # of the flash backend pass, AUTO_ORDER below keeps Triton first and flash second in every class.
@@ -50,9 +54,12 @@ MEASURED_ORDER = {
     (OP_BWD, "uniform-short"): ("flash", "triton", "torch"),
     (OP_BWD, "uniform-long"): ("triton", "flash", "torch"),
     (OP_BWD, "varlen"): ("flash", "triton", "torch"),
+    (OP, "varlen-many"): ("flash", "torch"),
+    (OP_BWD, "varlen-many"): ("flash", "torch"),
 }
 FLASH_VERIFIED_ON_GPU = False
-AUTO_ORDER = MEASURED_ORDER if FLASH_VERIFIED_ON_GPU else {k: ("triton", "flash", "torch") for k in MEASURED_ORDER}
+AUTO_ORDER = MEASURED_ORDER if FLASH_VERIFIED_ON_GPU else {
+    k: ("triton", "flash", "torch") if "triton" in order else ("torch", "flash") for k, order in MEASURED_ORDER.items()}
 dispatch.GPU_ORDER[OP] = AUTO_ORDER[(OP, "varlen")]  # what `info` lists; `choose` refines it per shape class
 dispatch.GPU_ORDER[OP_BWD] = AUTO_ORDER[(OP_BWD, "varlen")]
 
@@ -60,7 +67,7 @@ dispatch.GPU_ORDER[OP_BWD] = AUTO_ORDER[(OP_BWD, "varlen")]
 def shape_class(total: int, batch: int, max_seqlen: int) -> str:
     if total == batch * max_seqlen:  # with valid cu_seqlens every length is then max_seqlen: no sync needed
         return "uniform-short" if max_seqlen <= SHORT_UNIFORM else "uniform-long"
-    return "varlen"
+    return "varlen-many" if batch > TRITON_MAX_VARLEN_BATCH else "varlen"
 
 
 _CHOICE: dict[tuple, tuple[str, object]] = {}
@@ -76,7 +83,7 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, head_dim: int, cls
     hit = _CHOICE.get(key)
     if hit is not None:
         return hit
-    caps = {"head_dim": head_dim, "backward": op == OP_BWD}
+    caps = {"head_dim": head_dim, "backward": op == OP_BWD, "many_sequences": cls == "varlen-many"}
     if forced != "auto" or device.type != "cuda":
         hit = dispatch.select(op, device, dtype, **caps)
     else:
@@ -284,10 +291,14 @@ def validate_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None
 
 
 # ----------------------------------------------------------------------------------------------- triton backend
-def _triton_reasons(head_dim: int | None = None, **_) -> list[str]:
+def _triton_reasons(head_dim: int | None = None, many_sequences: bool = False, **_) -> list[str]:
+    reasons = []
     if head_dim is not None and (head_dim % 8 or not 8 <= head_dim <= 128):
-        return [f"head dim {head_dim} is not a multiple of 8 in [8, 128]"]
-    return []
+        reasons.append(f"head dim {head_dim} is not a multiple of 8 in [8, 128]")
+    if many_sequences:
+        reasons.append(f"a varlen batch of more than {TRITON_MAX_VARLEN_BATCH} sequences (its one-program schedule "
+                       "would outgrow a block's shared memory)")
+    return reasons
 
 
 @register(OP, "triton", _triton_reasons)

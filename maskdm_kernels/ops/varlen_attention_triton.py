@@ -98,7 +98,7 @@ def _locate(pid, cu_ptr, sched_ptr, nheads, B, T, max_seqlen, BLOCK: tl.constexp
     status 0: compute rows [row0, row0 + BLOCK) of the sequence; 1: write NaN to those rows (bad sequence);
     2: write NaN to rows [row0, row0 + span) of the whole packed tensor (bad layout: start 0, length T);
     3: nothing to do. PER_SEQUENCE: one program per sequence (row0 0, span the whole sequence)."""
-    h = pid % nheads
+    h = (pid % nheads).to(tl.int64)  # h * stride_h passes 2^31 for a head-major view of a long batch
     v = pid // nheads
     if UNIFORM:
         if PER_SEQUENCE:
@@ -350,7 +350,7 @@ def _bwd_preprocess_kernel(
 ):
     # Delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]. Bytes: reads 2*T*H*Dh elements, writes 4*T*H.
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (t < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(Out_ptr + t[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od, mask=mask, other=0.0)
