@@ -11,9 +11,9 @@
 # Phase budget (H200): build 120 (the ceilings run beside it: they time the GPU only, so the build's CPU load
 # does not bias them) + op host-vs-graph 40 + attention 50 + train steps 150 (compile warm-up included) + train
 # smoke 120 = 480 s, plus ~10 s for the summary. The smoke test compiles cold (train.compile=auto: two stages'
-# forward and backward, and the sampler's forward), hence the largest share after the build. The build gets 120 s because its slowest unit
-# (masked_noise_loss.cu) took 48 s on this project's 2-core CPU machine (67 s before csrc moved to per-operator
-# headers), before linking and pip's own work.
+# forward and backward, and the sampler's forward), hence the largest share after the build. The build gets 120 s
+# because its slowest unit (masked_noise_loss.cu) took 48 s on this project's 2-core CPU machine (67 s before csrc
+# moved to per-operator headers), before linking and pip's own work.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -128,7 +128,8 @@ if has smoke; then
   $PY -c "import sys; from pathlib import Path; from tests.test_data import write_fake_fashion_mnist as w; w(Path(sys.argv[1]), n_train=256)" "$fm"
   gpus=$($PY -c "import torch; print(max(torch.cuda.device_count(), 1))")
   steps=$([ "$DRY" = 1 ] && echo 3 || echo 30)
-  OMP_NUM_THREADS=1 timeout -k 5 "${SMOKE_TIMEOUT:-120}" $PY -m torch.distributed.run --standalone --nproc_per_node "$gpus" \
+  OMP_NUM_THREADS=1 timeout -k 5 "${SMOKE_TIMEOUT:-120}" $PY -m torch.distributed.run --standalone \
+    --nproc_per_node "$gpus" \
     -m maskdm train --config configs/fashion_mnist_quick.yaml --overwrite data.root="$fm" \
     train.out_dir="$OUTDIR/smoke_run" train.compile=auto stages.0.steps=$steps stages.1.steps=$steps \
     "stages.0.mask_ratio=[0.5, 0.9]" stages.0.max_minutes=null stages.1.max_minutes=null train.log_every=5 \

@@ -239,11 +239,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     would run foreach AdamW with its step counters on the host (and a captured step then fails its capturable
     check). The step counters follow the flags kept: on the parameter's device, float32, when fused or
     capturable."""
-    groups = [{**saved, **{k: own[k] for k in _IMPLEMENTATION if k in own}, "lr": own["lr"]}
-              for saved, own in zip(state["param_groups"], optimizer.param_groups)]
-    if len(state["param_groups"]) != len(optimizer.param_groups):
-        groups = state["param_groups"]  # load_state_dict names the mismatch
-    optimizer.load_state_dict({**state, "param_groups": groups})
+    if len(state["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
+        groups = [{**saved, **{k: own[k] for k in _IMPLEMENTATION if k in own}, "lr": own["lr"]}
+                  for saved, own in zip(state["param_groups"], optimizer.param_groups)]
+        state = {**state, "param_groups": groups}
+    optimizer.load_state_dict(state)
 
 
 def load_state(ckpt: str | Path) -> dict:

@@ -53,7 +53,8 @@ def unavailable_reason() -> str | None:
 def arch_reason(archs: str | None, capability: tuple[int, int]) -> str | None:
     """Why CUDA kernels built for ``archs`` (``TORCH_CUDA_ARCH_LIST`` form: ``"8.0;9.0+PTX"``) cannot run on a GPU
     of compute ``capability``, or None. A cubin runs on its major with an equal or higher minor (``9.0a`` on 9.0
-    only, ``10.0f`` on 10.x); PTX is compiled by the driver for its own arch or any later one. Unknown ``archs``: None (cannot tell)."""
+    only, ``10.0f`` on 10.x); PTX is compiled by the driver for its own arch or any later one. Unknown ``archs``:
+    None (cannot tell)."""
     if not archs:
         return None
     for entry in archs.replace(",", ";").replace(" ", ";").split(";"):

@@ -4,9 +4,9 @@ Checks what can be checked without a GPU: each attention kernel compiles for ``G
 (the paper's dtype) with its first Hopper config per head-dim class and the fixed one the GPU tests run, its matrix
 products run on the tensor cores (``wgmma`` or ``mma`` in the PTX) and ptxas reports no register spills; in fp32
 (IEEE dots: FMAs, no tensor cores) it compiles spill-free with its first fp32 config, and compiles with the fixed
-one; the schedule, preprocess and patch (gather, scatter and its error pass, loss) kernels compile spill-free too. The compile runs in a
-subprocess without ``TRITON_INTERPRET`` (conftest sets it for this process, and interpreted kernels cannot be
-compiled). ``python tests/test_triton_sm90.py [--all] [--check]`` prints the table (``--all``: every attention
+one; the schedule, preprocess and patch (gather, scatter and its error pass, loss) kernels compile spill-free too.
+The compile runs in a subprocess without ``TRITON_INTERPRET`` (conftest sets it for this process, and interpreted
+kernels cannot be compiled). ``python tests/test_triton_sm90.py [--all] [--check]`` prints the table (``--all``: every attention
 config of every set; ``--check``: exit 1 on a failed compile, a product off the tensor cores or a spill).
 ``make check-triton`` runs that with each triton release the kernels support.
 """

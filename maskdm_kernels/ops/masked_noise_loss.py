@@ -131,8 +131,9 @@ def _usual(pred, noise, vis, p, weight) -> bool:
         return False
     B, C, H, W = noise.shape
     dev = noise.device
-    return (C > 0 and not (H % p or W % p) and vis.num_patches == (H // p) * (W // p) and vis.cu_seqlens.shape[0] == B + 1
-            and vis.ids.device == dev and pred.device == dev and pred.shape == (vis.ids.shape[0], p * p * C)
+    return (C > 0 and not (H % p or W % p) and vis.num_patches == (H // p) * (W // p)
+            and vis.cu_seqlens.shape[0] == B + 1 and vis.ids.device == dev and pred.device == dev
+            and pred.shape == (vis.ids.shape[0], p * p * C)
             and (weight is None or (isinstance(weight, Tensor) and weight.dtype in FLOAT_DTYPES and weight.dim() == 1
                                     and weight.shape[0] == B and weight.device == dev)))
 

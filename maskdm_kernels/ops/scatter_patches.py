@@ -120,7 +120,8 @@ def _check(tokens, vis, patch_size, image_size) -> None:
     check_num_patches(OP, vis, patch_size, H, W)
     P = tokens.shape[1]
     if P % (patch_size * patch_size) or P == 0:
-        fail(OP, "tokens", f"last dim {P} is not a positive multiple of patch_size**2={patch_size ** 2} (p*p*C, C >= 1)")
+        fail(OP, "tokens", f"last dim {P} is not a positive multiple of patch_size**2={patch_size ** 2} "
+             "(p*p*C, C >= 1)")
     if tokens.shape[0] != vis.total:
         fail(OP, "tokens", f"has {tokens.shape[0]} rows but vis keeps {vis.total} tokens")
 
